@@ -1,0 +1,2068 @@
+"""PGNM — Policy Gradient-Driven Noise Mask, the reference trainer in one file.
+
+PGNM (Yavuz & Yang, "Policy Gradient-Driven Noise Mask", arXiv:2406.14568) pretrains a medical image classifier
+in two steps. In the *heated* phase a light policy network looks at each image and emits the shape parameters of a
+Beta distribution per cell of a G x G grid; a noise mask is sampled from it, upsampled, blurred and multiplied into
+the image; the classifier sees only the masked image; both networks are trained with REINFORCE on eq. 8 of the
+paper. The policy is then thrown away and the heated classifier is *fine-tuned* on clean images.
+
+    # the main job: heated pretraining on 8 GPUs (paper recipe: resnet50, batch 32/GPU, 90 epochs, grid 64)
+    torchrun --nproc_per_node 8 pgnm.py --phase heated --data-path /data/radimagenet_refined --sync-bn --amp
+    # fine-tune the heated classifier on clean images (finds runs/heated/model_heated.pth by itself)
+    python pgnm.py --phase finetune --data-path /data/radimagenet_refined
+    # plain supervised training for the paper's comparison rows
+    python pgnm.py --phase baseline --data-path /data/radimagenet_refined --auto-augment imagenet
+    # speed of a heated step against its parts and against the authors' formulation
+    python pgnm.py --bench --model resnet50 --batch-size 32 --train-crop-size 224
+    # the tests (CPU, a few minutes)
+    python -m pytest -q test_pgnm.py
+
+Without --data-path every phase runs on a built-in synthetic multi-modality data set (CT, MR, ultrasound, X-ray)
+with a tiny CPU preset, so `python pgnm.py --phase heated` shows the whole pipeline on a laptop in minutes.
+
+Runtime dependencies: torch >= 2.1, torchvision, numpy, pillow. Nothing else; timm is *not* needed: ResNet-10t,
+ResNet-18 and ResNet-50 are written here from scratch with module names chosen so that their state_dict keys and
+shapes equal timm's `resnet10t` / `resnet18` / `resnet50` (and torchvision's resnet18/50), so weights move between
+them with strict=True. Importing this file defines things and does nothing else; every piece (Beta mask sampler,
+upsample+blur, EMA, objective, metrics, models, data, checkpoints) can be used on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# =====================================================================================================================
+#  Config and phase presets
+# =====================================================================================================================
+
+
+def _f(default, help: str, *aliases: str):
+    """A config field whose help text is its comment; aliases are extra CLI spellings (the authors' flag names)."""
+    return field(default=default, metadata={"help": help, "aliases": aliases})
+
+
+@dataclass
+class Config:
+    # --- what to run -------------------------------------------------------------------------------------------------
+    phase: str = _f("heated", "heated (policy + classifier on masked input) | finetune | baseline")
+    data_path: str | None = _f(None, "ImageFolder root with train/ val/ [test/], or a MedMNIST .npz; "
+                                     "omitted = the built-in synthetic data set with a tiny CPU preset")
+    output_dir: str | None = _f(None, "where checkpoints and log.jsonl go (default runs/<phase>)")
+    device: str | None = _f(None, "cuda | cpu | cuda:N (default: cuda when available; torchrun picks LOCAL_RANK)")
+    seed: int = _f(0, "seed of everything random: init, data order, augmentation, masks")
+    # --- models ------------------------------------------------------------------------------------------------------
+    model: str = _f("resnet50", "classifier: resnet10t | resnet18 | resnet50")
+    policy_model: str = _f("resnet10t", "policy trunk g(.) (the paper always uses resnet10t)")
+    num_classes: int | None = _f(None, "classifier outputs (default: the number of classes in the data)")
+    # --- optimisation (per process: the effective batch is batch_size x world size) ---------------------------------
+    epochs: int = _f(90, "training epochs")
+    batch_size: int = _f(32, "images per process (per GPU)", "-b")
+    lr: float = _f(0.1, "classifier SGD learning rate; the policy gets lr * policy_lr_ratio")
+    policy_lr_ratio: float = _f(0.1, "policy lr / classifier lr (authors: 1/10)")
+    momentum: float = _f(0.9, "SGD momentum, both networks")
+    weight_decay: float = _f(1e-4, "SGD weight decay, both networks", "--wd")
+    lr_step_size: int = _f(30, "classifier StepLR: epochs between decays")
+    lr_gamma: float = _f(0.1, "classifier StepLR: decay factor")
+    lr_min: float = _f(0.0, "policy CosineAnnealingLR floor")
+    lr_warmup_epochs: int = _f(0, "classifier linear/constant warm-up length in epochs")
+    lr_warmup_method: str = _f("linear", "linear | constant")
+    lr_warmup_decay: float = _f(0.01, "warm-up starts at lr * this")
+    label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
+    clip_grad_norm: float | None = _f(None, "clip each network's gradient norm to this (after AMP unscaling)")
+    # --- PGNM (paper section 2) -------------------------------------------------------------------------------------
+    objective: str = _f("paper", "paper: eq. 8, mean(logsumexp logP) * CE (the authors' code) | reinforce: "
+                                 "CE + mean((c_b - mean c) * sum logP), our principled variant, not from the paper")
+    noise: str = _f("beta", "beta: learned policy (the method) | uniform: M~U(0,1) | gaussian: M~N(0.5,0.2) "
+                            "clamped to [0,1] (Table 4 ablations, no policy)")
+    grid: int = _f(64, "noise matrix is grid x grid (grid == crop size is the paper's 'pure noise')")
+    kernel: int = _f(13, "Gaussian blur kernel size in pixels, odd; 0 disables the blur")
+    sigma: float = _f(6.0, "Gaussian blur standard deviation in pixels")
+    tau_image: float = _f(0.9, "eq. 10: weight of the dataset-level parameters in the image-level ones")
+    tau_dataset: float = _f(0.99, "eq. 12-13: EMA decay of the dataset-level parameters per step")
+    policy_size: int | None = _f(None, "DEVIATION from the paper: resize the policy's input to this many pixels "
+                                       "(the mask is still upsampled to the full image); default: full size")
+    # --- data --------------------------------------------------------------------------------------------------------
+    workers: int = _f(8, "data-loader processes per training process", "-j")
+    train_crop_size: int = _f(224, "RandomResizedCrop size for training (px)")
+    crop_scale_min: float = _f(0.08, "RandomResizedCrop's smallest crop, as a fraction of the image area")
+    val_resize_size: int = _f(256, "evaluation resize of the shorter side (px)")
+    val_crop_size: int = _f(224, "evaluation centre crop (px)")
+    interpolation: str = _f("bilinear", "resize interpolation: bilinear | bicubic | nearest")
+    auto_augment: str | None = _f(None, "imagenet | cifar10 | svhn (AutoAugment), ra (RandAugment), "
+                                        "ta_wide (TrivialAugmentWide), augmix")
+    ra_magnitude: int = _f(9, "RandAugment magnitude")
+    augmix_severity: int = _f(3, "AugMix severity")
+    mixup_alpha: float = _f(0.0, "MixUp alpha (0 = off), applied on the device per batch")
+    cutmix_alpha: float = _f(0.0, "CutMix alpha (0 = off); with MixUp, one of the two is picked per batch")
+    mean: float = _f(0.3162, "normalisation mean on all three channels (RadImageNet statistics)")
+    std: float = _f(0.3213, "normalisation std on all three channels (RadImageNet statistics)")
+    skip_bad_images: bool = _f(False, "skip unreadable images (each is reported, the total counted per epoch) "
+                                      "instead of stopping")
+    val_split: float = _f(0.1, "for a merged .npz (images, labels): the fraction held out for val and for test")
+    synthetic_per_class: int = _f(64, "built-in data set: training images per class (val/test get a quarter)")
+    synthetic_size: int = _f(64, "built-in data set: image side in pixels")
+    # --- checkpoints -------------------------------------------------------------------------------------------------
+    finetune: str | None = _f(None, "initial classifier weights: ours, the authors', timm or torchvision; "
+                                    "phase finetune defaults to <output-dir>/../heated/model_heated.pth")
+    resume: str | None = _f(None, "PATH of a checkpoint, or 'auto': the output directory's checkpoint if any")
+    save_every_steps: int = _f(0, "also checkpoint every N training steps (0 = at epoch ends only)")
+    max_bad_steps: int = _f(20, "stop after this many non-finite steps in a row (each is skipped and counted)")
+    # --- speed and scale ---------------------------------------------------------------------------------------------
+    amp: bool = _f(False, "mixed precision: autocast + GradScaler (fp16); Beta math stays float32")
+    amp_dtype: str = _f("float16", "float16 (V100) | bfloat16 (A100 and newer; no scaler)")
+    sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm before DDP (GPU only)")
+    channels_last: bool = _f(False, "NHWC memory format (faster convolutions under AMP on tensor cores)")
+    compile: bool = _f(False, "torch.compile both networks (saved keys never carry the wrapper prefix)")
+    deterministic: bool = _f(False, "bit-reproducible runs: deterministic kernels, no cuDNN autotuning")
+    # --- logging -----------------------------------------------------------------------------------------------------
+    print_freq: int = _f(10, "progress line every N steps")
+    save_masks: bool = _f(False, "write masks_epochNNN.png (images, masks, masked images) every epoch")
+
+
+# Each phase starts from Config's paper defaults and changes only these (the authors' finetune recipe, README).
+PHASE_PRESETS: dict[str, dict] = {
+    "heated": {},
+    "finetune": dict(epochs=10, lr=0.001, batch_size=64, lr_warmup_epochs=7, lr_warmup_method="linear"),
+    "baseline": {},
+}
+
+# Without --data-path: a CPU-sized run on the built-in synthetic scans (64 px); the grid, kernel and sigma keep the
+# paper's proportions to the image (64/224 of the crop: grid 16, kernel 5, sigma 2).
+SYNTHETIC_PRESET: dict = dict(model="resnet10t", train_crop_size=64, val_resize_size=64, val_crop_size=64,
+                              crop_scale_min=0.35, grid=16, kernel=5, sigma=2.0, workers=0, print_freq=12,
+                              batch_size=32, synthetic_per_class=48)
+SYNTHETIC_PHASE_PRESETS: dict[str, dict] = {
+    "heated": dict(epochs=5, lr=0.02, lr_step_size=4),   # eq. 8 scales the CE gradient by ~5: keep lr low
+    "finetune": dict(epochs=3, lr=0.01, lr_warmup_epochs=1, batch_size=32),
+    "baseline": dict(epochs=5, lr=0.1, lr_step_size=4),
+}
+
+PHASES = ("heated", "finetune", "baseline")
+MODEL_NAMES = ("resnet10t", "resnet18", "resnet50")
+
+
+class UserError(Exception):
+    """Bad input or configuration: the CLI prints the message as one line, with no traceback."""
+
+
+def make_config(phase: str = "heated", **overrides) -> Config:
+    """Config = paper defaults < phase preset < synthetic preset (no data path) < explicit overrides."""
+    if phase not in PHASES:
+        raise UserError(f"--phase {phase!r}: choose one of {', '.join(PHASES)}")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UserError(f"unknown config field(s) {unknown}; see `python pgnm.py --help`")
+    values = dict(PHASE_PRESETS[phase])
+    if overrides.get("data_path") is None:
+        values.update(SYNTHETIC_PRESET)
+        values.update(SYNTHETIC_PHASE_PRESETS[phase])
+    values.update(overrides)
+    values["phase"] = phase
+    return Config(**values)
+
+
+def validate_config(cfg: Config) -> None:
+    """Check flag values once, before any work, with messages that say what to do."""
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise UserError(msg)
+    need(cfg.phase in PHASES, f"--phase {cfg.phase!r}: choose one of {', '.join(PHASES)}")
+    need(cfg.model in MODEL_NAMES, f"--model {cfg.model!r}: choose one of {', '.join(MODEL_NAMES)}")
+    need(cfg.policy_model in MODEL_NAMES, f"--policy-model {cfg.policy_model!r}: choose one of {', '.join(MODEL_NAMES)}")
+    need(cfg.objective in ("paper", "reinforce"), f"--objective {cfg.objective!r}: choose paper or reinforce")
+    need(cfg.noise in ("beta", "uniform", "gaussian"), f"--noise {cfg.noise!r}: choose beta, uniform or gaussian")
+    need(cfg.seed >= 0, f"--seed {cfg.seed}: must be >= 0")
+    need(cfg.epochs >= 1, f"--epochs {cfg.epochs}: must be at least 1")
+    need(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be at least 1")
+    need(cfg.lr > 0, f"--lr {cfg.lr}: must be positive")
+    need(cfg.grid >= 1, f"--grid {cfg.grid}: must be at least 1")
+    need(cfg.grid <= min(cfg.train_crop_size, cfg.val_crop_size),
+         f"--grid {cfg.grid} is larger than the crop ({min(cfg.train_crop_size, cfg.val_crop_size)} px): "
+         f"use a grid at most --train-crop-size/--val-crop-size")
+    need(cfg.kernel == 0 or (cfg.kernel > 0 and cfg.kernel % 2 == 1),
+         f"--kernel {cfg.kernel}: the blur kernel must be odd (e.g. {cfg.kernel + 1}), or 0 for no blur")
+    need(cfg.kernel // 2 < min(cfg.train_crop_size, cfg.val_crop_size),
+         f"--kernel {cfg.kernel} is too large for the crop: reflect padding needs kernel//2 < crop size")
+    need(cfg.sigma > 0, f"--sigma {cfg.sigma}: must be positive")
+    need(0.0 <= cfg.tau_image <= 1.0 and 0.0 <= cfg.tau_dataset <= 1.0, "--tau-image/--tau-dataset must be in [0, 1]")
+    need(cfg.lr_warmup_method in ("linear", "constant"), f"--lr-warmup-method {cfg.lr_warmup_method!r}: linear or constant")
+    need(cfg.amp_dtype in ("float16", "bfloat16"), f"--amp-dtype {cfg.amp_dtype!r}: float16 or bfloat16")
+    need(cfg.interpolation in ("bilinear", "bicubic", "nearest"), f"--interpolation {cfg.interpolation!r}: "
+         "bilinear, bicubic or nearest")
+    need(cfg.auto_augment in (None, "imagenet", "cifar10", "svhn", "ra", "ta_wide", "augmix"),
+         f"--auto-augment {cfg.auto_augment!r}: imagenet, cifar10, svhn, ra, ta_wide or augmix")
+    need(cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup-alpha/--cutmix-alpha must be >= 0")
+    need(0.0 < cfg.crop_scale_min <= 1.0, f"--crop-scale-min {cfg.crop_scale_min}: must be in (0, 1]")
+    need(cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0")
+    need(cfg.policy_size is None or cfg.policy_size >= 16, f"--policy-size {cfg.policy_size}: at least 16 px")
+    need(cfg.save_every_steps >= 0, f"--save-every-steps {cfg.save_every_steps}: must be >= 0")
+    need(cfg.max_bad_steps >= 1, f"--max-bad-steps {cfg.max_bad_steps}: must be at least 1")
+    need(0.0 < cfg.val_split < 0.5, f"--val-split {cfg.val_split}: must be in (0, 0.5)")
+
+
+# =====================================================================================================================
+#  Pure math: Beta policy (eq. 3-4, 7), EMA (eq. 10-13), mask upsample + blur, objective (eq. 8), metrics
+# =====================================================================================================================
+
+BETA_EPS = 1e-6  # masks are clamped to [eps, 1 - eps]: Beta.log_prob(0 or 1) is +-inf, and float32 samples hit 0/1
+LOG_CONCENTRATION_LIMIT = 20.0  # |log alpha|, |log beta| <= 20 keeps exp() finite in float32; never active in practice
+
+
+def mix_image_params(dataset_param: torch.Tensor, image_param: torch.Tensor, tau_i: float) -> torch.Tensor:
+    """Eq. 10-11: alpha_img = tau_i * alpha_d + (1 - tau_i) * a.   (1, G*G), (B, G*G) -> (B, G*G)"""
+    return tau_i * dataset_param + (1.0 - tau_i) * image_param
+
+
+def ema_update(dataset_param: torch.Tensor, batch_mean: torch.Tensor, tau_d: float) -> torch.Tensor:
+    """Eq. 12-13: alpha_d <- tau_d * alpha_d + (1 - tau_d) * mean_b(a); no gradient.   (1, G*G) -> (1, G*G)
+
+    `batch_mean` is mean_b(a) over the *global* batch: under DDP the caller averages it over ranks first."""
+    return (tau_d * dataset_param + (1.0 - tau_d) * batch_mean).detach()
+
+
+def beta_distribution(log_alpha: torch.Tensor, log_beta: torch.Tensor) -> torch.distributions.Beta:
+    """Eq. 3: B(exp a, exp b) in float32, without per-call argument validation (a device sync on GPU)."""
+    a = log_alpha.float().clamp(-LOG_CONCENTRATION_LIMIT, LOG_CONCENTRATION_LIMIT).exp()
+    b = log_beta.float().clamp(-LOG_CONCENTRATION_LIMIT, LOG_CONCENTRATION_LIMIT).exp()
+    return torch.distributions.Beta(a, b, validate_args=False)
+
+
+def sample_beta_mask(log_alpha: torch.Tensor, log_beta: torch.Tensor,
+                     eps: float = BETA_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 4 and 7: M ~ B(exp a, exp b) (no reparameterisation), logP = log B(M).   (B, G*G) -> (B, G*G) x2
+
+    Always float32, also under autocast. M is clamped to [eps, 1-eps] before log_prob so logP stays finite;
+    the clamped M is both the action and what logP scores. Draws from the device's default generator."""
+    with torch.autocast(device_type=log_alpha.device.type, enabled=False):
+        dist_ = beta_distribution(log_alpha, log_beta)
+        mask = dist_.sample().clamp_(eps, 1.0 - eps)
+        logp = dist_.log_prob(mask)
+    return mask, logp
+
+
+def sample_fixed_noise(kind: str, shape: Sequence[int], device, generator: torch.Generator | None = None):
+    """Table 4 ablations without a policy: 'uniform' M ~ U(0,1); 'gaussian' M ~ N(0.5, 0.2) clamped to [0,1].
+
+    The paper gives no parameters for its Gaussian; 0.5 +- 0.2 keeps the mask's mean at the uniform's."""
+    if kind == "uniform":
+        return torch.rand(shape, device=device, generator=generator)
+    if kind == "gaussian":
+        return (0.5 + 0.2 * torch.randn(shape, device=device, generator=generator)).clamp_(0.0, 1.0)
+    raise ValueError(f"unknown noise kind {kind!r}")
+
+
+def gaussian_kernel1d(kernel: int, sigma: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """torchvision's Gaussian: exp(-x^2 / 2 sigma^2) on x = -(k-1)/2 .. (k-1)/2, normalised to sum 1.   -> (k,)"""
+    half = (kernel - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel, dtype=dtype, device=device)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    return pdf / pdf.sum()
+
+
+def nearest_upsample_matrix(src: int, dst: int) -> torch.Tensor:
+    """U with U @ v == F.interpolate(v, dst, mode='nearest') for a length-src vector v.   -> (dst, src)
+
+    The source index of each output pixel is taken from F.interpolate itself, so the rounding rule matches."""
+    idx = F.interpolate(torch.arange(src, dtype=torch.float64).view(1, 1, src, 1), size=(dst, 1), mode="nearest")
+    return F.one_hot(idx.view(dst).long(), src).double()
+
+
+def reflect_blur_matrix(n: int, kernel: int, sigma: float) -> torch.Tensor:
+    """K with K @ v == 1-D Gaussian blur of v with reflect padding (torchvision's gaussian_blur, one axis). -> (n, n)"""
+    r = kernel // 2
+    if r >= n:
+        raise ValueError(f"blur kernel {kernel} needs an image side > {r} for reflect padding, got {n}")
+    w = gaussian_kernel1d(kernel, sigma, dtype=torch.float64)
+    i = torch.arange(n).view(n, 1)
+    j = i + torch.arange(-r, r + 1).view(1, kernel)  # (n, k) taps before reflection
+    j = torch.where(j < 0, -j, j)
+    j = torch.where(j > n - 1, 2 * (n - 1) - j, j)
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    mat.scatter_add_(1, j, w.expand(n, kernel).clone())
+    return mat
+
+
+@functools.lru_cache(maxsize=32)
+def mask_operators(grid: int, height: int, width: int, kernel: int, sigma: float,
+                   device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_h, A_w) with upsample+blur(M) == A_h @ M @ A_w^T: both steps are linear and separable.   (H, G), (W, G)"""
+    a_h, a_w = nearest_upsample_matrix(grid, height), nearest_upsample_matrix(grid, width)
+    if kernel > 0:
+        a_h = reflect_blur_matrix(height, kernel, sigma) @ a_h
+        a_w = reflect_blur_matrix(width, kernel, sigma) @ a_w
+    return a_h.to(device=device, dtype=dtype), a_w.to(device=device, dtype=dtype)
+
+
+def upsample_blur(mask: torch.Tensor, size: tuple[int, int], kernel: int, sigma: float) -> torch.Tensor:
+    """Fig. 4 post-processing: nearest upsample G x G -> H x W, then Gaussian blur (kernel, sigma, reflect padding).
+
+    Numerically torchvision's `F.interpolate(mode='nearest')` + `gaussian_blur` (to ~1e-6), computed as two small
+    matrix products instead of a dense k x k convolution on the full image. kernel 0 = no blur.
+    (B, G*G) or (B, 1, G, G) -> (B, 1, H, W), float32."""
+    b = mask.shape[0]
+    grid = int(round(math.sqrt(mask[0].numel())))
+    a_h, a_w = mask_operators(grid, size[0], size[1], kernel, float(sigma), mask.device)
+    with torch.autocast(device_type=mask.device.type, enabled=False):
+        return a_h @ mask.float().reshape(b, 1, grid, grid) @ a_w.T
+
+
+def reference_upsample_blur(mask: torch.Tensor, size: tuple[int, int], kernel: int, sigma: float) -> torch.Tensor:
+    """The authors' mask post-processing, kept as the oracle and as the --bench comparison: F.interpolate + a dense
+    torchvision gaussian_blur.   (B, G*G) -> (B, 1, H, W)"""
+    from torchvision.transforms.functional import gaussian_blur
+    b = mask.shape[0]
+    grid = int(round(math.sqrt(mask[0].numel())))
+    m = mask.reshape(b, 1, grid, grid)
+    if (grid, grid) != tuple(size):
+        m = F.interpolate(m, size=size, mode="nearest")
+    return gaussian_blur(m, kernel_size=kernel, sigma=sigma) if kernel > 0 else m
+
+
+def paper_objective(logp: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: L = mean_b( log sum_j exp logP[b, j] ) * CE, CE the batch-mean cross-entropy.   (B, G*G), () -> ()
+
+    The authors' code computes log(sum(exp(logP))), which overflows; logsumexp is the same number, stably."""
+    return torch.logsumexp(logp.float(), dim=1).mean() * ce.float()
+
+
+def reinforce_objective(logp: torch.Tensor, ce_per_image: torch.Tensor) -> torch.Tensor:
+    """Our variant (not in the paper): CE for the classifier + REINFORCE with a batch-mean baseline for the policy,
+    L = mean_b(c_b) + mean_b((c_b - mean c) * sum_j logP[b, j]), c detached in the second term.   (B, G*G), (B,) -> ()"""
+    c = ce_per_image.float()
+    advantage = (c - c.mean()).detach()
+    return c.mean() + (advantage * logp.float().sum(dim=1)).mean()
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """C[i, j] = #samples of true class i predicted as j.   (N,), (N,) -> (C, C) int64"""
+    return torch.bincount(target.long() * num_classes + pred.long(), minlength=num_classes ** 2).view(
+        num_classes, num_classes)
+
+
+def binary_auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve = Mann-Whitney U / (n_pos n_neg), ties counted half (as scikit-learn).
+    NaN when one of the two groups is empty.   (N,), (N,) bool -> float"""
+    scores, positive = scores.double().flatten(), positive.bool().flatten()
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    s, p = scores[order], positive[order]
+    _, counts = torch.unique_consecutive(s, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg_rank = ends - (counts.double() - 1) / 2          # 1-based mean rank of each tie group
+    ranks = torch.repeat_interleave(avg_rank, counts)
+    u = ranks[p].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def classification_metrics(probs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro precision/recall/F1, macro one-vs-rest AUROC and normalised predictive
+    entropy mean(H(p)) / log C.   (N, C) probabilities, (N,) labels -> dict
+
+    Conventions follow scikit-learn's defaults: precision/recall/F1 average over the classes that occur in the
+    labels or the predictions (0 where undefined); balanced accuracy over the classes that occur in the labels;
+    AUROC over the classes that occur in the labels and not in all of them (scikit-learn refuses otherwise)."""
+    probs, target = probs.double().cpu(), target.long().cpu()
+    n, c = probs.shape
+    if n == 0:
+        return {k: float("nan") for k in ("acc", "balanced_acc", "precision", "recall", "f1", "auroc", "entropy")}
+    pred = probs.argmax(1)
+    cm = confusion_matrix(pred, target, c).double()
+    tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
+    present = (support > 0) | (predicted > 0)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    f1_den = 2 * tp + (predicted - tp) + (support - tp)
+    f1 = torch.where(f1_den > 0, 2 * tp / f1_den.clamp(min=1), torch.zeros_like(tp))
+    aucs = [binary_auroc(probs[:, k], target == k) for k in range(c) if 0 < support[k] < n]
+    entropy = -torch.special.xlogy(probs, probs).sum(1).mean() / math.log(c) if c > 1 else torch.tensor(0.0)
+    return {
+        "acc": float(tp.sum() / n),
+        "balanced_acc": float(recall[support > 0].mean()),
+        "precision": float(precision[present].mean()),
+        "recall": float(recall[present].mean()),
+        "f1": float(f1[present].mean()),
+        "auroc": float(np.mean(aucs)) if aucs else float("nan"),
+        "entropy": float(entropy),
+    }
+
+
+# =====================================================================================================================
+#  Models: ResNet-10t / 18 / 50 (timm-compatible names) and the policy network
+# =====================================================================================================================
+# Module names (conv1/bn1/act1, layerN.i.convK/bnK, downsample.{0,1} or .{1,2} with avg_down, the 'tiered' stem
+# conv1.{0,1,3,4,6}, fc) are chosen to equal timm's, so state_dicts load both ways with strict=True.
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = _conv3x3(inplanes, planes, stride), nn.BatchNorm2d(planes), nn.ReLU(True)
+        self.conv2, self.bn2, self.act2 = _conv3x3(planes, planes), nn.BatchNorm2d(planes), nn.ReLU(True)
+        self.downsample = downsample
+
+    def zero_init_last(self):
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        return self.act2(x + shortcut)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(True)
+        self.conv2, self.bn2, self.act2 = _conv3x3(planes, planes, stride), nn.BatchNorm2d(planes), nn.ReLU(True)
+        self.conv3, self.bn3, self.act3 = nn.Conv2d(planes, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)
+        self.downsample = downsample
+
+    def zero_init_last(self):
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        return self.act3(x + shortcut)
+
+
+class ResNet(nn.Module):
+    """ResNet with timm's names. tiered_stem: three 3x3 convs 3->24->32->64 (first stride 2) instead of one 7x7;
+    avg_down: the shortcut downsamples with a 2x2 average pool then a stride-1 1x1 conv (ResNet-D).
+    num_classes=0 gives a feature extractor whose forward returns pooled (B, num_features) features."""
+
+    def __init__(self, block, layers: Sequence[int], num_classes: int = 1000, tiered_stem: bool = False,
+                 avg_down: bool = False):
+        super().__init__()
+        if tiered_stem:
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, 24, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(True),
+                _conv3x3(24, 32), nn.BatchNorm2d(32), nn.ReLU(True), _conv3x3(32, 64))
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1, self.act1 = nn.BatchNorm2d(64), nn.ReLU(True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        inplanes = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or inplanes != planes * block.expansion:
+                out = planes * block.expansion
+                if avg_down:
+                    pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
+                    downsample = nn.Sequential(pool, nn.Conv2d(inplanes, out, 1, bias=False), nn.BatchNorm2d(out))
+                else:
+                    downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+            blocks = [block(inplanes, planes, stride, downsample)]
+            inplanes = planes * block.expansion
+            blocks += [block(inplanes, planes) for _ in range(1, n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_features = inplanes
+        self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.fc = nn.Linear(inplanes, num_classes) if num_classes > 0 else nn.Identity()
+        # timm's initialisation (the authors trained timm models): He init, last BN of each residual branch at 0.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif hasattr(m, "zero_init_last"):
+                m.zero_init_last()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-fc features.   (B, 3, H, W) -> (B, num_features)"""
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.global_pool(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+def resnet10t(num_classes: int = 1000) -> ResNet:
+    return ResNet(BasicBlock, (1, 1, 1, 1), num_classes, tiered_stem=True, avg_down=True)
+
+
+def resnet18(num_classes: int = 1000) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes)
+
+
+def resnet50(num_classes: int = 1000) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes)
+
+
+MODELS: dict[str, Callable[[int], ResNet]] = {"resnet10t": resnet10t, "resnet18": resnet18, "resnet50": resnet50}
+
+
+def build_model(name: str, num_classes: int = 1000) -> ResNet:
+    if name not in MODELS:
+        raise UserError(f"--model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name](num_classes)
+
+
+def _policy_head(dim: int, out: int) -> nn.Sequential:
+    """h(.) of Fig. 4: Linear-BN-ReLU x2, then a projection to one value per grid cell (the authors' layout)."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(True),
+                         nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(True), nn.Linear(dim, out))
+
+
+class PolicyNet(nn.Module):
+    """The policy of eq. 2: trunk g(.) (`fe`) and two heads (`alpha`, `beta`), keys as in the authors' code.
+    forward returns the raw head outputs (a, b), each (B, G*G); the EMA mixing of eq. 10 is done by the caller,
+    so each head runs exactly once per step (the authors ran them twice, updating BatchNorm statistics twice)."""
+
+    def __init__(self, grid: int, trunk: str = "resnet10t"):
+        super().__init__()
+        self.grid = grid
+        self.fe = build_model(trunk, num_classes=0)
+        d = self.fe.num_features
+        self.alpha = _policy_head(d, grid * grid)
+        self.beta = _policy_head(d, grid * grid)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.fe(x)                                     # (B, 512)
+        return self.alpha(f), self.beta(f)                 # (B, G*G) each
+
+
+def guess_architecture(state_dict: dict) -> str | None:
+    """Which of our ResNets a classifier state_dict belongs to, from its key layout; None if none."""
+    keys = set(state_dict)
+    if "conv1.6.weight" in keys and "layer1.0.conv2.weight" in keys and "layer1.1.conv1.weight" not in keys:
+        return "resnet10t"
+    if "conv1.weight" in keys and "layer1.0.conv3.weight" in keys and "layer3.5.conv1.weight" in keys \
+            and "layer3.6.conv1.weight" not in keys:
+        return "resnet50"
+    if "conv1.weight" in keys and "layer1.1.conv2.weight" in keys and "layer1.0.conv3.weight" not in keys \
+            and "layer1.2.conv1.weight" not in keys:
+        return "resnet18"
+    return None
+
+
+# =====================================================================================================================
+#  Data: image decoding, ImageFolder, MedMNIST .npz, the built-in synthetic scans, transforms, samplers
+# =====================================================================================================================
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16/32-bit integer and float images are scaled by their own min..max range to 0..255
+    (never clipped: medical PNGs often use 12 of 16 bits); alpha is dropped; palettes are expanded."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("LA", "PA"):
+        img = img.convert("L")
+    return img.convert("RGB")
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Decode an image file to a (3, H, W) uint8 tensor."""
+    with Image.open(path) as img:
+        img.load()
+        rgb = to_rgb8(img)
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed that is a function of (stream, seed, epoch, index) only. Stream 0 seeds one sample's
+    augmentation, so results do not depend on the number of loader workers or on where a run was stopped and
+    resumed; 1 the epoch's shuffle, 2 a batch's MixUp/CutMix, 3 the noisy evaluation."""
+    state = np.random.SeedSequence([stream, seed, epoch, index]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class AugmentedDataset(torch.utils.data.Dataset):
+    """Base of our data sets: subclasses decode sample i to a (3, H, W) uint8 tensor; this applies the transform with
+    the torch RNG seeded from (seed, epoch, i) when indexed with (epoch, i) (see TrainSampler), else unseeded.
+    With skip_bad, an unreadable sample is reported, counted in `bad_count` (shared by loader workers) and yields
+    None, which `collate_skip_none` drops."""
+
+    def __init__(self, transform=None, seed: int = 0, skip_bad: bool = False):
+        self.transform, self.seed, self.skip_bad = transform, seed, skip_bad
+        self.bad_count = torch.multiprocessing.Value("i", 0) if skip_bad else None
+        self.targets: list[int] = []
+
+    def __len__(self):
+        return len(self.targets)
+
+    def describe(self, i: int) -> str:
+        return f"sample {i}"
+
+    def decode(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        try:
+            img = self.decode(i)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is the same user-facing problem
+            if not self.skip_bad:
+                raise UserError(f"cannot read {self.describe(i)} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                f"fix or delete it, or pass --skip-bad-images") from None
+            with self.bad_count.get_lock():
+                self.bad_count.value += 1
+            print(f"warning: skipped unreadable {self.describe(i)} ({type(e).__name__})", file=sys.stderr, flush=True)
+            return None
+        if self.transform is not None:
+            if epoch is None:
+                img = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, i))
+                    img = self.transform(img)
+        return img, self.targets[i]
+
+
+class ImageFolderDataset(AugmentedDataset):
+    """root/<class>/**/<image>; classes sorted by name (torchvision's ImageFolder order)."""
+
+    def __init__(self, root: str, transform=None, seed: int = 0, skip_bad: bool = False, classes=None):
+        super().__init__(transform, seed, skip_bad)
+        if not os.path.isdir(root):
+            raise UserError(f"data folder {root} does not exist: --data-path needs train/ and val/ class folders")
+        found = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        if not found:
+            raise UserError(f"{root} has no class folders: put the images of each class in {root}/<class>/")
+        self.classes = list(classes) if classes is not None else found
+        extra = sorted(set(found) - set(self.classes))
+        if extra:
+            raise UserError(f"{root} has class folder(s) {extra[:3]} that train/ does not have: splits must share classes")
+        self.samples: list[tuple[str, int]] = []
+        for k, name in enumerate(self.classes):
+            folder = os.path.join(root, name)
+            files = sorted(os.path.join(dp, fn) for dp, _, fns in os.walk(folder, followlinks=True) for fn in fns
+                           if fn.lower().endswith(IMG_EXTENSIONS)) if os.path.isdir(folder) else []
+            if not files and folder in (os.path.join(root, c) for c in found):
+                raise UserError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)}): "
+                                f"add images or remove the folder")
+            self.samples += [(p, k) for p in files]
+        self.targets = [t for _, t in self.samples]
+
+    def describe(self, i):
+        return f"image {self.samples[i][0]}"
+
+    def decode(self, i):
+        return load_image(self.samples[i][0])
+
+
+class ArrayDataset(AugmentedDataset):
+    """In-memory uint8 images (N, H, W) or (N, H, W, 3) with integer labels: MedMNIST and the synthetic scans."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], transform=None, seed: int = 0,
+                 name: str = "array"):
+        super().__init__(transform, seed)
+        self.images, self.classes, self.name = images, classes, name
+        self.targets = [int(t) for t in labels]
+
+    def describe(self, i):
+        return f"{self.name}[{i}]"
+
+    def decode(self, i):
+        a = torch.from_numpy(np.ascontiguousarray(self.images[i]))
+        return a.expand(3, *a.shape) if a.ndim == 2 else a.permute(2, 0, 1)
+
+
+def collate_skip_none(batch):
+    """default_collate without the samples that --skip-bad-images dropped."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.utils.data.default_collate(batch)
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Seeded per-class shuffle cut into len(fractions) parts; every part gets round(n_c * f) of class c, the first
+    part the rest. Returns sorted index arrays."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        counts = [int(round(len(idx) * f)) for f in fractions[1:]]
+        first = len(idx) - sum(counts)
+        bounds = np.cumsum([first] + counts)
+        for k, chunk in enumerate(np.split(idx, bounds[:-1])):
+            parts[k] += chunk.tolist()
+    return [np.array(sorted(p), dtype=np.int64) for p in parts]
+
+
+def load_npz(path: str, val_split: float = 0.1, seed: int = 0) -> dict:
+    """MedMNIST .npz -> {'train'|'val'|'test': (images uint8, labels (N,) or (N, L))}. Either the official layout
+    ({split}_images, {split}_labels) or a merged one (images, labels), split here by a seeded stratified split."""
+    if not os.path.isfile(path):
+        raise UserError(f"--data-path {path} does not exist")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        keys = set(npz.files)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read {path} as .npz ({type(e).__name__}): pass a MedMNIST .npz file") from None
+    out = {}
+    if {"train_images", "train_labels"} <= keys:
+        for split in ("train", "val", "test"):
+            if f"{split}_images" in keys:
+                if f"{split}_labels" not in keys:
+                    raise UserError(f"{path} has {split}_images but no {split}_labels")
+                out[split] = (npz[f"{split}_images"], npz[f"{split}_labels"])
+        if "val" not in out:
+            raise UserError(f"{path} has no val_images/val_labels: MedMNIST files carry train_*, val_*, test_*")
+    elif {"images", "labels"} <= keys:
+        images, labels = npz["images"], npz["labels"]
+        flat = labels.reshape(len(labels), -1)
+        strat = flat[:, 0] if flat.shape[1] == 1 else np.zeros(len(labels), dtype=np.int64)
+        tr, va, te = stratified_split(strat, (1 - 2 * val_split, val_split, val_split), seed)
+        out = {"train": (images[tr], labels[tr]), "val": (images[va], labels[va]), "test": (images[te], labels[te])}
+    else:
+        raise UserError(f"{path} has keys {sorted(keys)}; expected train_images/train_labels/val_images/val_labels"
+                        f"[/test_*] (MedMNIST) or images/labels (merged)")
+    for split, (images, labels) in out.items():
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+            raise UserError(f"{path}: {split} images must be uint8 N*H*W or N*H*W*3, got {images.dtype} {images.shape}")
+        if len(labels) != len(images):
+            raise UserError(f"{path}: {split} has {len(images)} images but {len(labels)} labels")
+    return out
+
+
+# --- the built-in synthetic scans ------------------------------------------------------------------------------------
+# Classes are modality x anatomy x finding. Each modality has its own intensity look-up table and noise model, so the
+# low-level heterogeneity the paper targets (Fig. 1: brightness, contrast, noise differ by modality) is present:
+# CT low Gaussian noise on a dark background; MR Rician noise with a smooth bias field; ultrasound speckle inside a
+# fan with burned-in text; X-ray a blurred projection-like image filling the frame.
+
+SYN_MODALITIES = ("CT", "MR", "US", "XR")
+SYN_SEEN_ANATOMY = ("head", "chest", "abdomen")
+SYN_UNSEEN_ANATOMY = ("knee", "spine")   # "unseen concepts" for evaluate.py: no class overlaps the seen ones
+SYN_FINDINGS = ("normal", "lesion")
+AIR, FAT, SOFT, BONE, FLUID, LESION, ORGAN = range(7)
+SYN_LUT = {  # tissue intensity in [0, 1] for AIR, FAT, SOFT, BONE, FLUID, LESION, ORGAN
+    "CT": (0.00, 0.22, 0.42, 0.95, 0.06, 0.66, 0.52),
+    "MR": (0.00, 0.88, 0.45, 0.12, 0.28, 0.80, 0.60),
+    "US": (0.00, 0.35, 0.52, 0.90, 0.04, 0.16, 0.42),
+    "XR": (0.00, 0.25, 0.40, 1.00, 0.05, 0.60, 0.45),   # attenuation, projected below
+}
+
+
+def synthetic_classes(unseen: bool = False) -> list[str]:
+    anatomy = SYN_UNSEEN_ANATOMY if unseen else SYN_SEEN_ANATOMY
+    return [f"{m}__{a}__{f}" for m in SYN_MODALITIES for a in anatomy for f in SYN_FINDINGS]
+
+
+def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
+    x = np.arange(n)
+    g = np.exp(-0.5 * ((x[:, None] - x[None, :]) / sigma) ** 2)
+    return g / g.sum(1, keepdims=True)
+
+
+def _ellipse(x, y, cx, cy, rx, ry):
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+
+
+def _tissue_map(anatomy: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    t = np.full(x.shape, AIR, dtype=np.int64)
+    if anatomy == "head":
+        t[_ellipse(x, y, 0, 0, 0.78, 0.9)] = BONE
+        t[_ellipse(x, y, 0, 0, 0.70, 0.82)] = SOFT
+        t[_ellipse(x, y, -0.12, -0.05, 0.08, 0.25) | _ellipse(x, y, 0.12, -0.05, 0.08, 0.25)] = FLUID
+    elif anatomy == "chest":
+        t[_ellipse(x, y, 0, 0.05, 0.92, 0.66)] = FAT
+        t[_ellipse(x, y, 0, 0.05, 0.85, 0.60)] = SOFT
+        t[_ellipse(x, y, -0.40, 0.0, 0.30, 0.45) | _ellipse(x, y, 0.40, 0.0, 0.30, 0.45)] = FLUID
+        t[_ellipse(x, y, 0.08, 0.12, 0.18, 0.20)] = ORGAN
+        t[_ellipse(x, y, 0, 0.50, 0.10, 0.09)] = BONE
+    elif anatomy == "abdomen":
+        t[_ellipse(x, y, 0, 0, 0.92, 0.72)] = FAT
+        t[_ellipse(x, y, 0, 0, 0.80, 0.62)] = SOFT
+        t[_ellipse(x, y, -0.35, -0.12, 0.36, 0.30)] = ORGAN
+        t[_ellipse(x, y, -0.30, 0.30, 0.10, 0.14) | _ellipse(x, y, 0.30, 0.30, 0.10, 0.14)] = ORGAN
+        t[_ellipse(x, y, 0, 0.45, 0.11, 0.10)] = BONE
+    elif anatomy == "knee":
+        t[_ellipse(x, y, 0, 0, 0.55, 0.98)] = SOFT
+        t[_ellipse(x, y, 0, -0.52, 0.26, 0.44)] = BONE
+        t[_ellipse(x, y, 0, 0.55, 0.22, 0.40)] = BONE
+        t[_ellipse(x, y, 0, 0.03, 0.24, 0.05)] = FLUID
+    elif anatomy == "spine":
+        t[(np.abs(x) < 0.6) & (np.abs(y) < 0.98)] = SOFT
+        for k in range(5):
+            cy = -0.8 + 0.4 * k
+            t[(np.abs(x) < 0.22) & (np.abs(y - cy) < 0.14)] = BONE
+            t[(np.abs(x) < 0.20) & (np.abs(y - cy - 0.2) < 0.04)] = FLUID
+    else:
+        raise ValueError(anatomy)
+    return t
+
+
+def synthetic_scan(modality: str, anatomy: str, finding: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One procedurally generated 'scan' (size x size uint8) of the given class."""
+    lin = np.linspace(-1, 1, size)
+    y0, x0 = np.meshgrid(lin, lin, indexing="ij")
+    th, s = rng.uniform(-0.25, 0.25), rng.uniform(0.85, 1.1)
+    dx, dy = rng.uniform(-0.08, 0.08, 2)
+    x = (np.cos(th) * x0 + np.sin(th) * y0) / s + dx
+    y = (-np.sin(th) * x0 + np.cos(th) * y0) / s + dy
+    t = _tissue_map(anatomy, x, y)
+    if finding == "lesion":
+        inside = np.flatnonzero(np.isin(t, (SOFT, ORGAN)))
+        c = inside[rng.integers(len(inside))]
+        r = rng.uniform(0.10, 0.16)
+        t[_ellipse(x, y, x.flat[c], y.flat[c], r, r * rng.uniform(0.8, 1.25)) & (t != AIR) & (t != BONE)] = LESION
+    lut = np.asarray(SYN_LUT[modality]) * rng.uniform(0.9, 1.1)
+    img = lut[t]
+    g = _gauss_matrix(size, 0.6)
+    img = g @ img @ g.T
+    if modality == "CT":
+        img = img + rng.normal(0, 0.015, img.shape)
+    elif modality == "MR":
+        a = rng.uniform(0, 2 * np.pi)
+        img = img * (1 + 0.3 * (np.cos(a) * x0 + np.sin(a) * y0))                       # bias field
+        img = np.hypot(img + rng.normal(0, 0.04, img.shape), rng.normal(0, 0.04, img.shape))  # Rician
+    elif modality == "US":
+        img = img * rng.gamma(2.0, 0.5, img.shape)                                      # speckle, mean 1
+        img = _gauss_matrix(size, 0.7) @ img @ _gauss_matrix(size, 0.7).T
+        r = np.hypot(x0, y0 + 1.15)
+        ang = np.arctan2(x0, y0 + 1.15)
+        img = img * ((np.abs(ang) < 0.75) & (r > 0.35) & (r < 2.1))                     # fan
+        cols = 2 + 4 * np.arange(rng.integers(3, 6))
+        for c0 in cols:                                                                  # burned-in text
+            glyph = rng.random((5, 3)) < 0.55
+            img[2:7, c0:c0 + 3][glyph] = 1.0
+    elif modality == "XR":
+        gb = _gauss_matrix(size, 2.0)
+        img = 1 - np.exp(-2.5 * (gb @ img @ gb.T)) + 0.08 * (y0 + 1)
+        img = img + rng.normal(0, 0.01, img.shape)
+    return np.clip(img * 255, 0, 255).round().astype(np.uint8)
+
+
+def synthetic_arrays(per_class: int, size: int, seed: int, split: str,
+                     unseen: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A deterministic class-balanced split of the synthetic set: (N, size, size) uint8, (N,) labels, class names."""
+    classes = synthetic_classes(unseen)
+    split_id = {"train": 0, "val": 1, "test": 2}[split] + (10 if unseen else 0)
+    n = per_class * len(classes)
+    images = np.empty((n, size, size), dtype=np.uint8)
+    labels = np.arange(n) % len(classes)
+    for i in range(n):
+        modality, anatomy, finding = classes[labels[i]].split("__")
+        images[i] = synthetic_scan(modality, anatomy, finding, size, np.random.default_rng([seed, split_id, i]))
+    return images, labels, classes
+
+
+# --- transforms and samplers -----------------------------------------------------------------------------------------
+
+def build_transform(cfg: Config, train: bool):
+    """torchvision.transforms.v2 on uint8 tensors: train RandomResizedCrop + hflip [+ auto-augment], eval resize +
+    centre crop; then float in [0, 1] and normalisation with the RadImageNet mean/std on all three channels."""
+    from torchvision.transforms import v2
+    interp = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+              "nearest": v2.InterpolationMode.NEAREST}[cfg.interpolation]
+    if train:
+        t = [v2.RandomResizedCrop(cfg.train_crop_size, scale=(cfg.crop_scale_min, 1.0), interpolation=interp,
+                                  antialias=True),
+             v2.RandomHorizontalFlip(0.5)]
+        if cfg.auto_augment == "ra":
+            t.append(v2.RandAugment(interpolation=interp, magnitude=cfg.ra_magnitude))
+        elif cfg.auto_augment == "ta_wide":
+            t.append(v2.TrivialAugmentWide(interpolation=interp))
+        elif cfg.auto_augment == "augmix":
+            t.append(v2.AugMix(interpolation=interp, severity=cfg.augmix_severity))
+        elif cfg.auto_augment is not None:
+            t.append(v2.AutoAugment(v2.AutoAugmentPolicy(cfg.auto_augment), interpolation=interp))
+    else:
+        t = [v2.Resize(cfg.val_resize_size, interpolation=interp, antialias=True), v2.CenterCrop(cfg.val_crop_size)]
+    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([cfg.mean] * 3, [cfg.std] * 3)]
+    return v2.Compose(t)
+
+
+class TrainSampler(torch.utils.data.Sampler):
+    """Seeded shuffle per epoch, split over ranks like DistributedSampler(drop_last) so every rank runs the same number
+    of full batches, and resumable: `set_epoch(e, start_batch)` skips the batches already trained on.
+    Yields (epoch, index) keys so the data set can seed each sample's augmentation (AugmentedDataset)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.shuffle = n, batch_size, rank, world, seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+        self.batches_per_epoch = (n // world) // batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0, stream=1))
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        mine = order[self.rank::self.world][: self.batches_per_epoch * self.batch_size]
+        for i in mine[self.start_batch * self.batch_size:].tolist():
+            yield (self.epoch, i)
+
+
+class EvalSampler(torch.utils.data.Sampler):
+    """Rank r evaluates samples r, r+W, r+2W, ...: no padding, so after gathering every sample counts exactly once."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, n, world))
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def build_datasets(cfg: Config) -> dict:
+    """{'train', 'val', 'test' (or None), 'classes'} from --data-path: an ImageFolder root, a MedMNIST .npz, or
+    (no path) the built-in synthetic scans."""
+    t_train, t_eval = build_transform(cfg, True), build_transform(cfg, False)
+    path = cfg.data_path
+    if path is None:
+        out = {}
+        for split, n in (("train", cfg.synthetic_per_class), ("val", max(1, cfg.synthetic_per_class // 4)),
+                         ("test", max(1, cfg.synthetic_per_class // 4))):
+            images, labels, classes = synthetic_arrays(n, cfg.synthetic_size, cfg.seed, split)
+            out[split] = ArrayDataset(images, labels, classes, t_train if split == "train" else t_eval, cfg.seed,
+                                      name=f"synthetic-{split}")
+        out["classes"] = classes
+        return out
+    if not os.path.exists(path):
+        raise UserError(f"--data-path {path} does not exist: give an ImageFolder root (train/, val/) or a .npz file")
+    if os.path.isfile(path):
+        if not path.endswith(".npz"):
+            raise UserError(f"--data-path {path}: a file must be a MedMNIST .npz; a folder must hold train/ and val/")
+        splits = load_npz(path, cfg.val_split, cfg.seed)
+        labels_train = splits["train"][1]
+        if labels_train.ndim == 2 and labels_train.shape[1] > 1:
+            raise UserError(f"{path} is multi-label ({labels_train.shape[1]} labels per image, e.g. ChestMNIST): "
+                            f"pgnm.py trains single-label classifiers; use evaluate.py for multi-label probes")
+        n_classes = int(max(int(s[1].max()) for s in splits.values() if len(s[1])) + 1)
+        classes = [str(k) for k in range(n_classes)]
+        out = {"classes": classes, "test": None}
+        for split, (images, labels) in splits.items():
+            labels = labels.reshape(len(labels))
+            if labels.size and labels.min() < 0:
+                raise UserError(f"{path}: {split} labels must be >= 0, found {labels.min()}")
+            out[split] = ArrayDataset(images, labels, classes, t_train if split == "train" else t_eval, cfg.seed,
+                                      name=f"{os.path.basename(path)}:{split}")
+        return out
+    if not os.path.isdir(os.path.join(path, "train")) or not os.path.isdir(os.path.join(path, "val")):
+        raise UserError(f"--data-path {path} must contain train/ and val/ class folders (see refine_radimagenet.py)")
+    train = ImageFolderDataset(os.path.join(path, "train"), t_train, cfg.seed, cfg.skip_bad_images)
+    if not train.samples:
+        raise UserError(f"{os.path.join(path, 'train')} has no images")
+    out = {"train": train, "classes": train.classes, "test": None}
+    for split in ("val", "test"):
+        folder = os.path.join(path, split)
+        if os.path.isdir(folder):
+            out[split] = ImageFolderDataset(folder, t_eval, cfg.seed, cfg.skip_bad_images, classes=train.classes)
+    return out
+
+
+def build_mixup(cfg: Config, num_classes: int):
+    """MixUp / CutMix from torchvision.transforms.v2 (one of the two per batch when both are on), or None."""
+    from torchvision.transforms import v2
+    ops = []
+    if cfg.mixup_alpha > 0:
+        ops.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        ops.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+# =====================================================================================================================
+#  Distributed
+# =====================================================================================================================
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: str | None = None) -> DistInfo:
+    """Read torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) variables and
+    join the process group: NCCL on GPU, gloo on CPU. A single process is world size 1 with no process group."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in env:
+            raise UserError("SLURM run without MASTER_ADDR: export MASTER_ADDR=$(scontrol show hostnames "
+                            "$SLURM_JOB_NODELIST | head -n 1) in the batch script")
+    else:
+        rank, world, local = 0, 1, 0
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA GPU is visible: pass --device cpu")
+        if world > 1 or dev.index is None:
+            dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    info = DistInfo(rank, world, local, dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return info
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of t over ranks (t itself with one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors of different lengths (dim 0) from all ranks, in rank order."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+def interleave_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Undo EvalSampler's striding: rows gathered rank by rank -> dataset order."""
+    if world == 1:
+        return t
+    n = t.shape[0]
+    counts = [len(range(r, n, world)) for r in range(world)]
+    order = torch.cat([torch.arange(r, n, world) for r in range(world)])
+    out = torch.empty_like(t)
+    out[order] = t
+    assert sum(counts) == n
+    return out
+
+
+# =====================================================================================================================
+#  Checkpoints
+# =====================================================================================================================
+
+CHECKPOINT = "checkpoint.pth"
+CHECKPOINT_PREV = "checkpoint_prev.pth"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Drop DDP ('module.') and torch.compile ('_orig_mod.') prefixes, in any order and number."""
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The raw module under DDP and/or torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def safe_load(path: str, map_location="cpu"):
+    """torch.load with weights_only=True (no code runs from the file). argparse.Namespace, which the authors' and
+    torchvision's checkpoints carry under 'args', is allowed as plain data."""
+    if hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
+    """Write to a temp file, fsync, then os.replace: a reader never sees a half-written file. With keep_previous,
+    the old file is first moved there, so a good checkpoint exists at every instant."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if keep_previous and os.path.exists(path):
+        os.replace(path, keep_previous)
+    os.replace(tmp, path)
+
+
+def load_classifier_weights(path: str) -> dict:
+    """A classifier state_dict from any of: our checkpoint.pth / model_<phase>.pth, the authors' checkpoints ('model'
+    key, 'module.'/'_orig_mod.' prefixes), timm or torchvision weight files. Never runs code from the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"--finetune {path} does not exist")
+    try:
+        obj = safe_load(path)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot load weights from {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no state_dict of tensors (expected a checkpoint with 'model' or raw weights)")
+    return strip_prefixes(obj)
+
+
+def load_into_classifier(model: ResNet, state_dict: dict, source: str, arch: str, log=print) -> None:
+    """Load backbone weights strictly; the head is re-initialised (with a message) when the class count differs.
+    A state_dict of another architecture is refused with a message naming the right --model."""
+    own = model.state_dict()
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(("fc.", "head.", "classifier."))}
+    backbone = {k for k in own if not k.startswith("fc.")}
+    missing, unexpected = sorted(backbone - set(sd)), sorted(set(sd) - backbone)
+    wrong = sorted(k for k in backbone & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        guess = guess_architecture(state_dict)
+        hint = f"it looks like {guess}: pass --model {guess}" if guess and guess != arch else \
+            "pass the --model it was trained with"
+        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+                  else f"shape mismatch at {wrong[:2]}")
+        raise UserError(f"{source} does not fit --model {arch} ({detail}); {hint}")
+    head = {k: state_dict[k] for k in ("fc.weight", "fc.bias") if k in state_dict}
+    if isinstance(model.fc, nn.Linear) and head.get("fc.weight") is not None \
+            and head["fc.weight"].shape == model.fc.weight.shape:
+        sd.update(head)
+    elif isinstance(model.fc, nn.Linear):
+        n_old = head["fc.weight"].shape[0] if "fc.weight" in head else 0
+        log(f"note: {source} has a {n_old}-class head, the data has {model.fc.out_features} classes: "
+            f"the head (fc) is re-initialised")
+        sd.update({"fc.weight": model.fc.weight.detach().clone(), "fc.bias": model.fc.bias.detach().clone()})
+    model.load_state_dict(sd, strict=True)
+
+
+def rng_state() -> dict:
+    """Every generator a training step draws from, as plain types (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_checkpoint_with_fallback(output_dir: str, log=print) -> tuple[dict | None, str | None]:
+    """The newest readable checkpoint in output_dir: checkpoint.pth, else (reported in one line) the previous one."""
+    for name in (CHECKPOINT, CHECKPOINT_PREV):
+        path = os.path.join(output_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            return safe_load(path), path
+        except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
+            log(f"warning: {path} is unreadable ({type(e).__name__}); trying the previous checkpoint")
+    return None, None
+
+
+# =====================================================================================================================
+#  Training: one step, one epoch, evaluation
+# =====================================================================================================================
+
+
+@dataclass
+class Run:
+    """Everything a training step touches. `model`/`policy` may be DDP/compile wrappers; `*_raw` are the modules
+    underneath (what is saved and loaded). alpha_d/beta_d are the dataset-level Beta parameters of eq. 12-13 in
+    log space, (1, G*G) float32, identical on every rank."""
+    cfg: Config
+    info: DistInfo
+    model: nn.Module
+    model_raw: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    policy: nn.Module | None = None
+    policy_raw: nn.Module | None = None
+    pol_optimizer: torch.optim.Optimizer | None = None
+    pol_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    alpha_d: torch.Tensor | None = None
+    beta_d: torch.Tensor | None = None
+    scaler: torch.amp.GradScaler | None = None
+    mixup: Callable | None = None
+    bad_in_a_row: int = 0
+    bad_total: int = 0
+    amp_skipped: int = 0
+    stop_requested: bool = False
+
+    @property
+    def heated(self) -> bool:
+        return self.cfg.phase == "heated"
+
+    def autocast(self):
+        dtype = torch.bfloat16 if self.cfg.amp_dtype == "bfloat16" or self.info.device.type == "cpu" else torch.float16
+        return torch.autocast(self.info.device.type, dtype=dtype, enabled=self.cfg.amp)
+
+    def parameters(self):
+        ps = list(self.model_raw.parameters())
+        return ps + (list(self.policy_raw.parameters()) if self.policy_raw is not None else [])
+
+
+def make_mask(run: Run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+    """Steps 1-6 of the heated phase for a batch: the policy's Beta parameters (eq. 2, 10-11), the next dataset-level
+    parameters (eq. 12-13, averaged over ranks, *not yet committed*), the sampled mask (eq. 4) upsampled and blurred
+    (Fig. 4), and logP (eq. 7).   x (B, 3, H, W) -> M_in (B, 1, H, W), logP (B, G*G) or None, (alpha_d', beta_d')"""
+    cfg, b = run.cfg, x.shape[0]
+    if run.policy is None:
+        mask = sample_fixed_noise(cfg.noise, (b, cfg.grid * cfg.grid), x.device)
+        return upsample_blur(mask, x.shape[-2:], cfg.kernel, cfg.sigma), None, None
+    xp = x if cfg.policy_size is None else F.interpolate(x, size=cfg.policy_size, mode="bilinear", antialias=True)
+    with run.autocast():
+        a, bb = run.policy(xp)                                                     # (B, G*G) each
+    a, bb = a.float(), bb.float()
+    alpha_img = mix_image_params(run.alpha_d, a, cfg.tau_image)                   # eq. 10
+    beta_img = mix_image_params(run.beta_d, bb, cfg.tau_image)                    # eq. 11
+    means = all_reduce_mean(torch.cat([a.detach().mean(0, keepdim=True), bb.detach().mean(0, keepdim=True)]))
+    new_d = (ema_update(run.alpha_d, means[:1], cfg.tau_dataset),                 # eq. 12
+             ema_update(run.beta_d, means[1:], cfg.tau_dataset))                  # eq. 13
+    mask, logp = sample_beta_mask(alpha_img, beta_img)                             # eq. 4, 7
+    return upsample_blur(mask, x.shape[-2:], cfg.kernel, cfg.sigma), logp, new_d
+
+
+def compute_loss(run: Run, x: torch.Tensor, y: torch.Tensor):
+    """Forward pass and objective of the run's phase. Returns (loss, aux): aux has the mask, logP and the uncommitted
+    dataset-level parameters for a heated step."""
+    cfg = run.cfg
+    aux: dict = {}
+    if run.heated:
+        m_in, logp, new_d = make_mask(run, x)
+        xm = x * m_in                                                              # eq. 5, mask over channels
+        if cfg.channels_last:
+            xm = xm.contiguous(memory_format=torch.channels_last)
+        aux.update(mask=m_in, new_d=new_d)
+        with run.autocast():
+            out = run.model(xm)
+        ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")  # (B,)
+        if logp is None:
+            loss = ce.mean()
+        elif cfg.objective == "paper":
+            loss = paper_objective(logp, ce.mean())                                 # eq. 8
+        else:
+            loss = reinforce_objective(logp, ce)
+        aux["ce"] = ce.detach().mean()
+    else:
+        with run.autocast():
+            out = run.model(x)
+        loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+        aux["ce"] = loss.detach()
+    return loss, aux
+
+
+def _grad_norm(params, max_norm: float | None) -> torch.Tensor:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if max_norm is not None:
+        return nn.utils.clip_grad_norm_(grads, max_norm)
+    if hasattr(nn.utils, "get_total_norm"):
+        return nn.utils.get_total_norm([p.grad for p in grads])
+    return nn.utils.clip_grad_norm_(grads, float("inf"))
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
+    """One optimisation step of both networks. A step whose loss or gradients are not finite on any rank is skipped
+    on every rank (weights, optimiser state and alpha_d/beta_d untouched) and counted."""
+    opts = [o for o in (run.optimizer, run.pol_optimizer) if o is not None]
+    loss, aux = compute_loss(run, x, y)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+    if run.scaler is not None:
+        for o in opts:
+            run.scaler.unscale_(o)
+    norms = [_grad_norm(run.model_raw.parameters(), run.cfg.clip_grad_norm)]
+    if run.policy_raw is not None:
+        norms.append(_grad_norm(run.policy_raw.parameters(), run.cfg.clip_grad_norm))
+    grads_ok = torch.stack([torch.isfinite(n.float()).all() for n in norms]).all()
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (~grads_ok).float(),
+                         torch.tensor(float(run.stop_requested), device=loss.device)])
+    loss_bad, grad_bad, stop = (all_reduce_sum(flags) > 0).tolist()                  # one sync per step
+    run.stop_requested = bool(stop)
+    ok = not loss_bad and not grad_bad
+    if ok:
+        for o in opts:
+            (run.scaler.step(o) if run.scaler is not None else o.step())
+        if aux.get("new_d") is not None:
+            run.alpha_d, run.beta_d = aux["new_d"]
+        run.bad_in_a_row = 0
+    elif run.scaler is not None and not loss_bad:
+        run.amp_skipped += 1          # fp16 overflow: GradScaler lowers its scale; expected early in a run
+    else:
+        run.bad_in_a_row += 1
+        run.bad_total += 1
+    if run.scaler is not None:
+        run.scaler.update()
+    return loss.detach(), aux, ok
+
+
+class TrainingStopped(Exception):
+    """Too many non-finite steps in a row, or a requested stop (SIGTERM/SIGUSR1)."""
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # Windows
+        return float("nan")
+
+
+def train_one_epoch(run: Run, loader, epoch: int, start_step: int, log, on_step=None) -> dict:
+    """Train for one (possibly resumed) epoch. Logs a progress line every print_freq steps; calls on_step(step) after
+    each step (mid-epoch checkpoints). Returns the epoch's mean loss and counters."""
+    cfg, dev = run.cfg, run.info.device
+    run.model.train()
+    if run.policy is not None:
+        run.policy.train()
+    total = len(loader) + start_step
+    loss_sum, n_ok = torch.zeros((), device=dev), 0
+    t_epoch = t_last = time.perf_counter()
+    data_time, seen = 0.0, 0
+    last_batch = None
+    step = start_step
+    for step, (x, y) in enumerate(loader, start=start_step):
+        data_time += time.perf_counter() - t_last
+        if x.shape[0] == 0:           # every image of the batch was unreadable (--skip-bad-images)
+            t_last = time.perf_counter()
+            continue
+        x = x.to(dev, non_blocking=True)
+        y = y.to(dev, non_blocking=True)
+        if run.mixup is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(cfg.seed, epoch, step, stream=2))
+                x, y = run.mixup(x, y)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, aux, ok = train_step(run, x, y)
+        if ok:
+            loss_sum += loss
+            n_ok += 1
+        else:
+            log(f"warning: non-finite step skipped (epoch {epoch} step {step}; {run.bad_in_a_row} in a row, "
+                f"{run.bad_total} in total)" if run.bad_in_a_row else
+                f"note: fp16 overflow, step skipped by GradScaler (epoch {epoch} step {step})")
+        seen += x.shape[0]
+        if cfg.save_masks and "mask" in aux:
+            last_batch = (x[:8].detach().float().cpu(), aux["mask"][:8].detach().float().cpu())
+        if (step + 1) % cfg.print_freq == 0 or step + 1 == total:
+            el = time.perf_counter() - t_epoch
+            done = step + 1 - start_step
+            eta = datetime.timedelta(seconds=int(el / max(done, 1) * (total - step - 1)))
+            parts = [f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{total}",
+                     f"loss {loss.item():.4f}", f"lr {run.optimizer.param_groups[0]['lr']:.5g}",
+                     f"img/s {seen * run.info.world / max(el, 1e-9):.1f}", f"data {data_time / max(done, 1):.4f}s",
+                     f"eta {eta}"]
+            if "mask" in aux:
+                parts.append(f"mask {aux['mask'].mean().item():.3f}")
+            if run.alpha_d is not None:
+                parts.append(f"alpha_d {run.alpha_d.mean().item():.3f} beta_d {run.beta_d.mean().item():.3f}")
+            parts.append(f"mem {_memory_mb(dev):.0f}MB")
+            log("  ".join(parts))
+        if on_step is not None:
+            on_step(step + 1, loss_sum, n_ok)
+        if run.bad_in_a_row >= cfg.max_bad_steps:
+            raise TrainingStopped(f"{run.bad_in_a_row} non-finite steps in a row (epoch {epoch + 1}, step {step + 1}); "
+                                  f"lower --lr, add --clip-grad-norm, or drop --amp; the last good checkpoint is kept")
+        if run.stop_requested:
+            raise TrainingStopped("stop requested by signal")
+        t_last = time.perf_counter()
+    return {"loss_sum": loss_sum, "n_ok": n_ok, "last_batch": last_batch, "seconds": time.perf_counter() - t_epoch}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, autocast, transform_input=None) -> tuple[torch.Tensor, ...]:
+    """Softmax probabilities and labels of a loader's samples, gathered from all ranks in data set order."""
+    model.eval()
+    probs, targets = [], []
+    for x, y in loader:
+        if x.shape[0] == 0:
+            continue
+        x = x.to(device, non_blocking=True)
+        if transform_input is not None:
+            x = transform_input(x)
+        with autocast:
+            probs.append(model(x).float().softmax(1))
+        targets.append(y.to(device))
+    c = unwrap(model).fc.out_features
+    p = torch.cat(probs) if probs else torch.zeros(0, c, device=device)
+    t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    p, t = all_gather_cat(p), all_gather_cat(t)
+    if world > 1 and p.shape[0] == len(loader.dataset):   # back to data set order (metrics do not need it)
+        p, t = interleave_ranks(p, world), interleave_ranks(t, world)
+    return p.cpu(), t.cpu()
+
+
+def evaluate(run: Run, loader, epoch: int, noisy: bool = False) -> dict:
+    """Metrics on a split. noisy=True masks each image with its own sample from the dataset-level noise model,
+    Beta(exp alpha_d, exp beta_d) for the learned policy (the paper's Table 1 'Noisy' input); the masks are drawn
+    from a generator seeded by (seed, epoch) so training's random stream is untouched."""
+    cfg, dev = run.cfg, run.info.device
+    if not noisy:
+        probs, target = predict(run.model, loader, dev, run.autocast())
+    else:
+        def mask_input(x):
+            b = x.shape[0]
+            if run.alpha_d is not None:
+                m, _ = sample_beta_mask(run.alpha_d.expand(b, -1), run.beta_d.expand(b, -1))
+            else:
+                m = sample_fixed_noise(cfg.noise, (b, cfg.grid * cfg.grid), x.device)
+            return x * upsample_blur(m, x.shape[-2:], cfg.kernel, cfg.sigma)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(sample_seed(cfg.seed, epoch, run.info.rank, stream=3))
+            probs, target = predict(run.model, loader, dev, run.autocast(), mask_input)
+    m = classification_metrics(probs, target)
+    m["loss"] = float(F.nll_loss(probs.clamp_min(1e-12).log(), target)) if len(target) else float("nan")
+    m["n"] = int(len(target))
+    return m
+
+
+def save_mask_figure(path: str, images: torch.Tensor, masks: torch.Tensor, mean: float, std: float) -> None:
+    """Figs. 4/6 as a PNG (PIL only): row 1 the images, row 2 their masks, row 3 the masked images."""
+    img = (images[:, 0] * std + mean).clamp(0, 1)                         # (K, H, W), first channel
+    m = masks[:, 0].clamp(0, 1)
+    rows = [img, m, (img * m).clamp(0, 1)]
+    k, h, w = img.shape
+    pad = 2
+    canvas = np.full((3 * (h + pad) + pad, k * (w + pad) + pad), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c in range(k):
+            y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
+            canvas[y0:y0 + h, x0:x0 + w] = (row[c].numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(canvas, mode="L").save(path)
+
+
+# =====================================================================================================================
+#  main: build everything, resume, train, evaluate, save
+# =====================================================================================================================
+
+
+def file_hash() -> str:
+    with open(__file__, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:10]
+
+
+def build_schedulers(cfg: Config, optimizer, pol_optimizer):
+    """Classifier: StepLR (optionally after a linear/constant warm-up); policy: cosine over all epochs (authors)."""
+    sched = torch.optim.lr_scheduler
+    main_s = sched.StepLR(optimizer, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)
+    if cfg.lr_warmup_epochs > 0:
+        warm = (sched.LinearLR(optimizer, start_factor=cfg.lr_warmup_decay, total_iters=cfg.lr_warmup_epochs)
+                if cfg.lr_warmup_method == "linear" else
+                sched.ConstantLR(optimizer, factor=cfg.lr_warmup_decay, total_iters=cfg.lr_warmup_epochs))
+        main_s = sched.SequentialLR(optimizer, [warm, main_s], milestones=[cfg.lr_warmup_epochs])
+    pol_s = sched.CosineAnnealingLR(pol_optimizer, T_max=cfg.epochs, eta_min=cfg.lr_min) if pol_optimizer else None
+    return main_s, pol_s
+
+
+def make_checkpoint(run: Run, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> dict:
+    """The checkpoint.pth payload: the authors' key names, plain types only (torch.load(weights_only=True) works).
+    epoch/step: the epoch being trained and how many of its steps are done (step == steps_per_epoch: complete)."""
+    rngs = [rng_state()]
+    if run.info.distributed:
+        rngs = [None] * run.info.world
+        dist.all_gather_object(rngs, rng_state())
+    return {
+        "model": run.model_raw.state_dict(),
+        "policy_net": run.policy_raw.state_dict() if run.policy_raw is not None else None,
+        "base_alpha": run.alpha_d.detach().cpu() if run.alpha_d is not None else None,
+        "base_beta": run.beta_d.detach().cpu() if run.beta_d is not None else None,
+        "optimizer": run.optimizer.state_dict(),
+        "pol_optimizer": run.pol_optimizer.state_dict() if run.pol_optimizer is not None else None,
+        "main_lr_scheduler": run.scheduler.state_dict(),
+        "pol_lr_scheduler": run.pol_scheduler.state_dict() if run.pol_scheduler is not None else None,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": run.info.world,
+        "meter": {"loss_sum": float(meter["loss_sum"]), "n_ok": int(meter["n_ok"])},
+        "counters": {"bad_total": run.bad_total, "amp_skipped": run.amp_skipped},
+        "args": dataclasses.asdict(run.cfg),
+        "rng": rngs,
+        "pgnm_version": file_hash(),
+    }
+
+
+def restore_checkpoint(run: Run, ckpt: dict, source: str) -> None:
+    """Put every saved state back: both networks, alpha_d/beta_d, optimisers, schedulers, scaler, RNGs."""
+    saved, cfg = ckpt.get("args") or {}, run.cfg
+    for key in ("phase", "model", "policy_model", "grid", "noise"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise UserError(f"{source} was written with --{key.replace('_', '-')} {saved[key]}, this run has "
+                            f"{getattr(cfg, key)}: use the same flags or another --output-dir")
+    try:
+        run.model_raw.load_state_dict(strip_prefixes(ckpt["model"]))
+        if run.policy_raw is not None:
+            run.policy_raw.load_state_dict(strip_prefixes(ckpt["policy_net"]))
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{source} does not match this run's networks ({str(e).splitlines()[0][:160]}); "
+                        f"use the same --model/--grid or another --output-dir") from None
+    dev = run.info.device
+    if run.alpha_d is not None:
+        run.alpha_d, run.beta_d = ckpt["base_alpha"].to(dev), ckpt["base_beta"].to(dev)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["main_lr_scheduler"])
+    if run.pol_optimizer is not None:
+        run.pol_optimizer.load_state_dict(ckpt["pol_optimizer"])
+        run.pol_scheduler.load_state_dict(ckpt["pol_lr_scheduler"])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    counters = ckpt.get("counters") or {}
+    run.bad_total, run.amp_skipped = counters.get("bad_total", 0), counters.get("amp_skipped", 0)
+    rngs = ckpt.get("rng") or []
+    if len(rngs) == run.info.world:
+        set_rng_state(rngs[run.info.rank])
+    else:
+        torch.manual_seed(cfg.seed + 7919 * run.info.rank + 1)
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _trim_log(path: str, start_epoch: int) -> None:
+    """On resume, drop log lines of epochs that will be trained again (and any final line)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = [ln for ln in fh if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("final") or rec.get("epoch", 0) > start_epoch:
+            continue
+        keep.append(ln)
+    with open(path, "w") as fh:
+        fh.writelines(keep)
+
+
+def default_finetune_path(output_dir: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(output_dir)), "heated", "model_heated.pth")
+
+
+def _install_stop_handlers(run: Run):
+    """SIGTERM / SIGUSR1 (SLURM's pre-emption warning): finish the step, checkpoint, exit. Returns a restore fn."""
+    import signal
+    old = {}
+
+    def handler(signum, frame):
+        run.stop_requested = True
+
+    for name in ("SIGTERM", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:      # not the main thread (e.g. called from a notebook worker)
+                pass
+
+    def restore():
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return restore
+
+
+def main(cfg: Config) -> dict:
+    """Run one phase end to end and return its final metrics ({'val_*', 'test_*', ...}). Raises UserError on bad
+    input and TrainingStopped when training cannot go on; a checkpoint is kept either way."""
+    validate_config(cfg)
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = setup_distributed(cfg.device)
+    try:
+        return _main(cfg, info)
+    finally:
+        if owns_group:
+            cleanup_distributed()
+
+
+def _main(cfg: Config, info: DistInfo) -> dict:
+    log = (lambda *a, **k: print(*a, **k, flush=True)) if info.is_main else (lambda *a, **k: None)
+    out_dir = cfg.output_dir or os.path.join("runs", cfg.phase)
+    cfg = dataclasses.replace(cfg, output_dir=out_dir)
+    dev = info.device
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed + 7919 * info.rank)
+    np.random.seed((cfg.seed + 7919 * info.rank) % 2 ** 32)
+    random.seed(cfg.seed + 7919 * info.rank)
+
+    # --- data ---------------------------------------------------------------------------------------------------------
+    data = build_datasets(cfg)
+    classes = data["classes"]
+    num_classes = cfg.num_classes or len(classes)
+    for split in ("train", "val", "test"):
+        ds = data.get(split)
+        if ds is not None and ds.targets and max(ds.targets) >= num_classes:
+            raise UserError(f"{split} has label {max(ds.targets)} but the classifier has {num_classes} outputs: "
+                            f"fix --num-classes or the labels")
+    train_ds = data["train"]
+    if len(train_ds) // info.world < cfg.batch_size:
+        raise UserError(f"the training split has {len(train_ds)} images, fewer than one batch of {cfg.batch_size} "
+                        f"per process: lower --batch-size")
+    sampler = TrainSampler(len(train_ds), cfg.batch_size, info.rank, info.world, cfg.seed)
+    pin = dev.type == "cuda"
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=pin, persistent_workers=cfg.workers > 0,
+                     collate_fn=collate_skip_none if cfg.skip_bad_images else None,
+                     generator=torch.Generator())  # own generator: building an iterator must not draw from torch's
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+                                               drop_last=True, **loader_kw)
+    eval_loaders = {s: torch.utils.data.DataLoader(data[s], batch_size=cfg.batch_size,
+                                                   sampler=EvalSampler(len(data[s]), info.rank, info.world), **loader_kw)
+                    for s in ("val", "test") if data.get(s) is not None}
+    steps_per_epoch = sampler.batches_per_epoch
+
+    # --- networks, optimisers ---------------------------------------------------------------------------------------
+    model = build_model(cfg.model, num_classes)
+    policy = PolicyNet(cfg.grid, cfg.policy_model) if cfg.phase == "heated" and cfg.noise == "beta" else None
+    ckpt, ckpt_path = None, None
+    if cfg.resume:
+        if cfg.resume == "auto":
+            ckpt, ckpt_path = load_checkpoint_with_fallback(out_dir, log)
+            if ckpt is None:
+                log(f"resume auto: no checkpoint in {out_dir}; starting from scratch")
+        else:
+            if not os.path.isfile(cfg.resume):
+                raise UserError(f"--resume {cfg.resume} does not exist (use --resume auto to continue the output dir)")
+            try:
+                ckpt, ckpt_path = safe_load(cfg.resume), cfg.resume
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"--resume {cfg.resume} is unreadable ({type(e).__name__}); "
+                                f"try {os.path.join(os.path.dirname(cfg.resume), CHECKPOINT_PREV)}") from None
+    init_from = cfg.finetune
+    if init_from is None and cfg.phase == "finetune" and ckpt is None:
+        init_from = default_finetune_path(out_dir)
+        if not os.path.isfile(init_from):
+            raise UserError(f"no heated model at {init_from}: run `python pgnm.py --phase heated` first "
+                            f"(with the same --data-path), or pass --finetune PATH")
+    if init_from and ckpt is None:
+        load_into_classifier(model, load_classifier_weights(init_from), init_from, cfg.model, log)
+        log(f"initialised the classifier from {init_from}")
+    if cfg.sync_bn and info.distributed and dev.type != "cuda":
+        log("note: --sync-bn needs GPUs (SyncBatchNorm has no CPU kernel); BatchNorm stays per process")
+    elif cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        policy = nn.SyncBatchNorm.convert_sync_batchnorm(policy) if policy is not None else None
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(dev, memory_format=memory_format)
+    policy = policy.to(dev, memory_format=memory_format) if policy is not None else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    pol_optimizer = (torch.optim.SGD(policy.parameters(), lr=cfg.lr * cfg.policy_lr_ratio, momentum=cfg.momentum,
+                                     weight_decay=cfg.weight_decay) if policy is not None else None)
+    scheduler, pol_scheduler = build_schedulers(cfg, optimizer, pol_optimizer)
+    use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    g = cfg.grid * cfg.grid
+    init_gen = torch.Generator().manual_seed(cfg.seed)            # same alpha_d/beta_d on every rank
+    alpha_d = torch.rand((1, g), generator=init_gen).to(dev) if policy is not None else None
+    beta_d = torch.rand((1, g), generator=init_gen).to(dev) if policy is not None else None
+    run = Run(cfg, info, model, model, optimizer, scheduler, policy, policy, pol_optimizer, pol_scheduler,
+              alpha_d, beta_d, scaler, build_mixup(cfg, num_classes))
+
+    start_epoch, start_step, meter0 = 0, 0, {"loss_sum": 0.0, "n_ok": 0}
+    if ckpt is not None:
+        restore_checkpoint(run, ckpt, ckpt_path)
+        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
+        if start_step >= int(ckpt.get("steps_per_epoch", steps_per_epoch)):
+            start_epoch, start_step = start_epoch + 1, 0
+        elif ckpt.get("steps_per_epoch") != steps_per_epoch:
+            raise UserError(f"{ckpt_path} was written mid-epoch with {ckpt.get('steps_per_epoch')} steps per epoch, "
+                            f"this run has {steps_per_epoch}: resume with the same number of processes and "
+                            f"--batch-size")
+        else:
+            meter0 = ckpt.get("meter") or meter0
+        log(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, step {start_step}")
+        if info.is_main:
+            _trim_log(os.path.join(out_dir, "log.jsonl"), start_epoch)
+
+    # --- wrappers: DDP (after SyncBN), compile; the raw modules stay in run.*_raw -----------------------------------
+    if info.distributed:
+        ids = [dev.index] if dev.type == "cuda" else None
+        run.model = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
+        if policy is not None:
+            run.policy = nn.parallel.DistributedDataParallel(run.policy, device_ids=ids)
+    if cfg.compile:
+        run.model = torch.compile(run.model)
+        run.policy = torch.compile(run.policy) if run.policy is not None else None
+
+    # --- the log header: what runs, where, with which code ----------------------------------------------------------
+    if info.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    log(f"pgnm {file_hash()} | python {sys.version.split()[0]} torch {torch.__version__} | device {dev}"
+        f"{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''} | world size {info.world}")
+    log(f"data: {cfg.data_path or 'built-in synthetic scans'} | {len(classes)} classes | train {len(train_ds)} "
+        + " ".join(f"{s} {len(data[s])}" for s in ('val', 'test') if data.get(s) is not None)
+        + f" | {steps_per_epoch} steps/epoch, effective batch {cfg.batch_size * info.world}")
+    log("config: " + json.dumps(dataclasses.asdict(cfg)))
+
+    log_path = os.path.join(out_dir, "log.jsonl")
+    restore_signals = _install_stop_handlers(run)
+    last: dict = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            step0 = start_step if epoch == start_epoch else 0
+            meter = dict(meter0) if epoch == start_epoch else {"loss_sum": 0.0, "n_ok": 0}
+            sampler.set_epoch(epoch, step0)
+            bad0 = train_ds.bad_count.value if train_ds.bad_count is not None else 0
+
+            def on_step(step, loss_sum, n_ok, epoch=epoch, meter=meter):
+                due = cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < steps_per_epoch
+                if due or run.stop_requested:
+                    acc = {"loss_sum": meter["loss_sum"] + float(loss_sum), "n_ok": meter["n_ok"] + n_ok}
+                    payload = make_checkpoint(run, epoch, step, steps_per_epoch, acc)
+                    if info.is_main:
+                        atomic_save(payload, os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, CHECKPOINT_PREV))
+
+            stats = train_one_epoch(run, train_loader, epoch, step0, log, on_step)
+            run.scheduler.step()
+            if run.pol_scheduler is not None:
+                run.pol_scheduler.step()
+            n_ok = meter["n_ok"] + stats["n_ok"]
+            train_loss = (meter["loss_sum"] + float(all_reduce_mean(stats["loss_sum"]))) / max(n_ok, 1)
+            rec = {"phase": cfg.phase, "epoch": epoch + 1, "train_loss": train_loss,
+                   "lr": run.optimizer.param_groups[0]["lr"], "bad_steps": run.bad_total,
+                   "amp_skipped_steps": run.amp_skipped, "epoch_seconds": round(stats["seconds"], 2)}
+            if train_ds.bad_count is not None:
+                rec["skipped_images"] = train_ds.bad_count.value - bad0
+            if run.alpha_d is not None:
+                rec.update(alpha_d_mean=float(run.alpha_d.mean()), beta_d_mean=float(run.beta_d.mean()))
+            rec.update({f"val_{k}": v for k, v in evaluate(run, eval_loaders["val"], epoch).items()})
+            if run.heated:
+                rec.update({f"val_noisy_{k}": v for k, v in evaluate(run, eval_loaders["val"], epoch, True).items()})
+            log(f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} done: train_loss {train_loss:.4f}  "
+                + "  ".join(f"{k} {rec[k]:.4f}" for k in ("val_acc", "val_balanced_acc", "val_f1", "val_auroc",
+                                                          "val_entropy", "val_noisy_acc", "val_noisy_balanced_acc")
+                            if k in rec))
+            payload = make_checkpoint(run, epoch, steps_per_epoch, steps_per_epoch, {"loss_sum": 0.0, "n_ok": 0})
+            if info.is_main:
+                _append_jsonl(log_path, rec)
+                atomic_save(payload, os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, CHECKPOINT_PREV))
+                if cfg.save_masks and stats["last_batch"] is not None:
+                    save_mask_figure(os.path.join(out_dir, f"masks_epoch{epoch + 1:03d}.png"), *stats["last_batch"],
+                                     cfg.mean, cfg.std)
+            last = rec
+    finally:
+        restore_signals()
+
+    # --- the end: test split, classifier-only weights ---------------------------------------------------------------
+    final = {k: v for k, v in last.items() if k.startswith("val_")} if last else {}
+    if not last and ckpt is not None:
+        log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
+    if "test" in eval_loaders:
+        test = {f"test_{k}": v for k, v in evaluate(run, eval_loaders["test"], cfg.epochs).items()}
+        if run.heated:
+            test.update({f"test_noisy_{k}": v for k, v in evaluate(run, eval_loaders["test"], cfg.epochs, True).items()})
+        final.update(test)
+        log(f"[{cfg.phase}] test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()
+                                                if k in ("test_acc", "test_balanced_acc", "test_f1", "test_auroc",
+                                                         "test_entropy", "test_noisy_acc")))
+    if info.is_main:
+        _append_jsonl(log_path, {"phase": cfg.phase, "epoch": cfg.epochs, "final": True,
+                                 **{k: v for k, v in final.items() if k.startswith("test_")}})
+        weights = os.path.join(out_dir, f"model_{cfg.phase}.pth")
+        atomic_save(run.model_raw.state_dict(), weights)
+        log(f"saved {weights} (classifier only; loads into timm/torchvision {cfg.model} with strict=True)")
+    final["output_dir"] = out_dir
+    return final
+
+
+# =====================================================================================================================
+#  --bench: a heated step against its parts and against the authors' formulation
+# =====================================================================================================================
+
+
+def _authors_heated_step(model, policy, opt, pol_opt, base, x, y, cfg):
+    """The authors' heated step, kept only as the --bench comparison point: heads run twice, a validated Beta,
+    F.interpolate + dense torchvision blur, log(sum(exp)), fp32. (Their samples are clamped here too, or
+    validation would raise on an exact 0/1.)"""
+    f = policy.fe(x)
+    new_a = 0.9 * base[0] + 0.1 * policy.alpha(f)
+    new_b = 0.9 * base[1] + 0.1 * policy.beta(f)
+    base[0] = (0.99 * base[0] + 0.01 * policy.alpha(f).detach().mean(0, keepdim=True)).detach()
+    base[1] = (0.99 * base[1] + 0.01 * policy.beta(f).detach().mean(0, keepdim=True)).detach()
+    d = torch.distributions.Beta(torch.exp(new_a), torch.exp(new_b), validate_args=True)
+    m = d.sample().clamp(BETA_EPS, 1 - BETA_EPS)
+    m_in = reference_upsample_blur(m, x.shape[-2:], cfg.kernel, cfg.sigma)
+    out = model(x * m_in)
+    loss = torch.mean(torch.log(torch.sum(d.log_prob(m).exp(), 1)) * F.cross_entropy(out, y))
+    opt.zero_grad(set_to_none=True)
+    pol_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    pol_opt.step()
+
+
+def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
+    """Time, interleaved on one batch: (a) a baseline classifier step, (b) our heated step, (c) a classifier step on
+    a pre-made masked batch, (d) a policy step alone, (e) the mask pipeline alone, (f) the authors' heated step.
+    Prints medians and ratios and one JSON line; returns the numbers."""
+    validate_config(dataclasses.replace(cfg, phase="heated"))
+    info = DistInfo(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    dev = info.device
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+    b, s, g = cfg.batch_size, cfg.train_crop_size, cfg.grid
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(cfg.model, 1000).to(dev, memory_format=fmt)
+    policy = PolicyNet(g, cfg.policy_model).to(dev, memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    pol_opt = torch.optim.SGD(policy.parameters(), lr=1e-5, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "float16" else None
+    hcfg = dataclasses.replace(cfg, phase="heated", noise="beta")
+    run = Run(hcfg, info, model, model, opt, None, policy, policy, pol_opt, None,
+              torch.rand(1, g * g, device=dev), torch.rand(1, g * g, device=dev), scaler)
+    if cfg.compile:
+        run.model, run.policy = torch.compile(model), torch.compile(policy)
+    x = torch.randn(b, 3, s, s, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (b,), device=dev)
+    x_masked = (x * make_mask(run, x)[0]).contiguous(memory_format=fmt)
+    base = [run.alpha_d.clone(), run.beta_d.clone()]
+
+    def classifier_step(inp):
+        with run.autocast():
+            out = run.model(inp)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+
+    def policy_step():
+        with run.autocast():
+            a, bb = run.policy(x)
+        m, logp = sample_beta_mask(mix_image_params(run.alpha_d, a.float(), 0.9), mix_image_params(run.beta_d, bb.float(), 0.9))
+        loss = torch.logsumexp(logp, 1).mean()
+        pol_opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(pol_opt)
+            scaler.update()
+        else:
+            pol_opt.step()
+
+    def mask_only():
+        with torch.no_grad():
+            a = run.alpha_d.expand(b, -1)
+            m, _ = sample_beta_mask(a, run.beta_d.expand(b, -1))
+            upsample_blur(m, (s, s), cfg.kernel, cfg.sigma)
+
+    variants = {
+        "baseline": lambda: classifier_step(x),
+        "heated": lambda: train_step(run, x, y),
+        "classifier": lambda: classifier_step(x_masked),
+        "policy": policy_step,
+        "mask": mask_only,
+        "authors": lambda: _authors_heated_step(model, policy, opt, pol_opt, base, x, y, cfg),
+    }
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for r in range(warmup + rounds):
+        for name, fn in variants.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    res = {f"{k}_ms": round(v, 3) for k, v in med.items()}
+    res.update(heated_over_parts=round(med["heated"] / (med["classifier"] + med["policy"]), 4),
+               mask_share=round(med["mask"] / med["heated"], 4),
+               authors_over_heated=round(med["authors"] / med["heated"], 4),
+               peak_mem_mb=round(_memory_mb(dev), 1))
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    log(f"bench: {cfg.model} + policy {cfg.policy_model}, batch {b}, {s} px, grid {g}, kernel {cfg.kernel}, "
+        f"amp {cfg.amp_dtype if cfg.amp else 'off'}, device {dev} ({name}), median of {rounds}")
+    labels = {"baseline": "(a) baseline classifier step", "heated": "(b) heated step (ours)",
+              "classifier": "(c) classifier step, masked batch", "policy": "(d) policy step alone",
+              "mask": "(e) mask pipeline alone", "authors": "(f) authors' heated step"}
+    for k, lab in labels.items():
+        log(f"  {lab:<36} {med[k]:9.2f} ms  {b / med[k] * 1e3:9.1f} img/s")
+    log(f"  heated / (classifier + policy) = {res['heated_over_parts']:.3f}   mask share of heated = "
+        f"{res['mask_share']:.4f}   authors / ours = {res['authors_over_heated']:.3f}   peak mem {res['peak_mem_mb']} MB")
+    log(json.dumps(res))
+    return res
+
+
+def bench_data(cfg: Config, batches: int = 50, log=print) -> dict:
+    """Images per second of the training data loader alone (decode + augmentation + collation)."""
+    validate_config(cfg)
+    data = build_datasets(cfg)
+    ds = data["train"]
+    sampler = TrainSampler(len(ds), cfg.batch_size, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.workers, persistent_workers=False,
+                                         collate_fn=collate_skip_none if cfg.skip_bad_images else None)
+    n, t0, it = 0, None, iter(loader)
+    for i in range(min(batches + 2, len(loader))):
+        x, _ = next(it)
+        if i == 1:                       # the first batch pays for worker start-up
+            t0, n = time.perf_counter(), 0
+        n += x.shape[0]
+    el = time.perf_counter() - t0 if t0 else float("nan")
+    res = {"images_per_s": round(n / el, 1), "workers": cfg.workers, "batch_size": cfg.batch_size, "images": n}
+    log(f"bench-data: {cfg.data_path or 'synthetic'}: {res['images_per_s']} images/s with {cfg.workers} workers")
+    log(json.dumps(res))
+    return res
+
+
+# =====================================================================================================================
+#  CLI
+# =====================================================================================================================
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags from Config's fields (authors' names kept: --data-path, -b/--batch-size, --wd, --grid, --kernel, ...).
+    Every default is argparse.SUPPRESS so that only flags given on the command line override the presets."""
+    p = argparse.ArgumentParser(prog="pgnm.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
+        help_ = f"{f.metadata['help']} (default: {f.default})"
+        if f.type in ("bool", bool):
+            p.add_argument(*flags, dest=f.name, action="store_true", help=help_)
+            continue
+        base = str(f.type).replace(" | None", "")
+        conv = {"int": int, "float": float, "str": str}[base]
+        p.add_argument(*flags, dest=f.name, type=conv, help=help_)
+    p.add_argument("--bench", action="store_true", help="time a heated step and its parts (see bench())")
+    p.add_argument("--bench-data", metavar="PATH", help="time the training data loader alone on this data set")
+    p.add_argument("--bench-rounds", type=int, help="timed rounds per variant (default 20)")
+    return p
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    do_bench, bench_path, rounds = args.pop("bench", False), args.pop("bench_data", None), args.pop("bench_rounds", 20)
+    phase = args.pop("phase", "heated")
+    try:
+        if bench_path is not None:
+            args["data_path"] = bench_path
+            bench_data(make_config(phase, **args))
+            return 0
+        if do_bench:
+            bench(Config(**args), rounds=rounds)           # the paper's defaults: resnet50, 224 px, grid 64
+            return 0
+        main(make_config(phase, **args))
+        return 0
+    except (UserError, TrainingStopped) as e:
+        # A UserError raised in a data-loader worker arrives wrapped with the worker's traceback: keep its last line.
+        line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        line = line.split("UserError: ", 1)[-1]
+        print(f"error: {line}" if isinstance(e, UserError) else f"stopped: {line}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, UserError) else 3
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume auto", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
