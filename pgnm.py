@@ -399,7 +399,8 @@ def classification_metrics(probs: torch.Tensor, target: torch.Tensor) -> dict[st
     f1_den = 2 * tp + (predicted - tp) + (support - tp)
     f1 = torch.where(f1_den > 0, 2 * tp / f1_den.clamp(min=1), torch.zeros_like(tp))
     aucs = [binary_auroc(probs[:, k], target == k) for k in range(c) if 0 < support[k] < n]
-    entropy = -torch.special.xlogy(probs, probs).sum(1).mean() / math.log(c) if c > 1 else torch.tensor(0.0)
+    entropy = (-torch.special.xlogy(probs, probs).sum(1).mean() / math.log(c)).clamp_min(0.0) if c > 1 else \
+        torch.tensor(0.0)
     return {
         "acc": float(tp.sum() / n),
         "balanced_acc": float(recall[support > 0].mean()),
@@ -1082,6 +1083,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def average_buffers(module: nn.Module | None) -> None:
+    """Mean of the floating-point buffers (BatchNorm running statistics) over ranks. DDP copies rank 0's buffers at
+    the start of each forward only, so after the last step every rank holds its own; averaging at the epoch's end
+    makes every rank evaluate and save the same model, with statistics from all ranks' batches."""
+    if module is None or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b)
+            b /= dist.get_world_size()
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate tensors of different lengths (dim 0) from all ranks, in rank order."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -1272,7 +1285,8 @@ class Run:
     bad_in_a_row: int = 0
     bad_total: int = 0
     amp_skipped: int = 0
-    stop_requested: bool = False
+    signal_received: bool = False     # set by SIGTERM/SIGUSR1 on this process, at any moment
+    stop_requested: bool = False      # agreed by all ranks at the step's all-reduce: checkpoint and stop
 
     @property
     def heated(self) -> bool:
@@ -1364,7 +1378,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         norms.append(_grad_norm(run.policy_raw.parameters(), run.cfg.clip_grad_norm))
     grads_ok = torch.stack([torch.isfinite(n.float()).all() for n in norms]).all()
     flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (~grads_ok).float(),
-                         torch.tensor(float(run.stop_requested), device=loss.device)])
+                         torch.tensor(float(run.signal_received), device=loss.device)])
     loss_bad, grad_bad, stop = (all_reduce_sum(flags) > 0).tolist()                  # one sync per step
     run.stop_requested = bool(stop)
     ok = not loss_bad and not grad_bad
@@ -1642,7 +1656,7 @@ def _install_stop_handlers(run: Run):
     old = {}
 
     def handler(signum, frame):
-        run.stop_requested = True
+        run.signal_received = True
 
     for name in ("SIGTERM", "SIGUSR1"):
         sig = getattr(signal, name, None)
@@ -1814,6 +1828,8 @@ def _main(cfg: Config, info: DistInfo) -> dict:
                         atomic_save(payload, os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, CHECKPOINT_PREV))
 
             stats = train_one_epoch(run, train_loader, epoch, step0, log, on_step)
+            average_buffers(run.model_raw)
+            average_buffers(run.policy_raw)
             run.scheduler.step()
             if run.pol_scheduler is not None:
                 run.pol_scheduler.step()

@@ -513,14 +513,33 @@ def _assert_one_line_error(proc, *needles):
         assert n in err, err
 
 
-def test_cli_bad_inputs_are_one_line(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
+def test_cli_bad_input_is_one_line_in_a_real_process(tmp_path):
     _assert_one_line_error(run_cli("--data-path", str(tmp_path / "nope")), "does not exist")
-    _assert_one_line_error(run_cli("--data-path", str(empty)), "train/ and val/")
-    _assert_one_line_error(run_cli("--grid", "80"), "--grid 80", "crop")
-    _assert_one_line_error(run_cli("--kernel", "4"), "--kernel 4", "odd")
-    _assert_one_line_error(run_cli("--model", "vit"), "--model")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--data-path", "{tmp}/nope"], ["does not exist"]),
+    (["--data-path", "{tmp}/empty"], ["train/ and val/"]),
+    (["--data-path", "{tmp}/file.txt"], ["must be a MedMNIST .npz"]),
+    (["--grid", "80"], ["--grid 80", "crop"]),
+    (["--kernel", "4"], ["--kernel 4", "odd"]),
+    (["--kernel", "201"], ["--kernel 201", "too large"]),
+    (["--model", "vit"], ["--model"]),
+    (["--phase", "pretrain"], ["--phase"]),
+    (["--batch-size", "0"], ["--batch-size 0"]),
+    (["--batch-size", "4096"], ["fewer than one batch"]),
+    (["--resume", "{tmp}/nope.pth"], ["--resume", "does not exist"]),
+    (["--finetune", "{tmp}/nope.pth"], ["--finetune", "does not exist"]),
+])
+def test_cli_bad_inputs_are_one_line(tmp_path, capsys, args, needles):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = pgnm.cli([*args, "--output-dir", str(tmp_path / "o"), "--synthetic-per-class", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n in err, err
 
 
 def test_class_folder_without_images(tmp_path):
@@ -652,3 +671,335 @@ def test_readme_training_loop_example_runs():
     namespace: dict = {}
     exec(compile(m.group(1), "README.md", "exec"), namespace)
     assert math.isfinite(namespace["loss"].item())
+
+
+# =====================================================================================================================
+#  Resume: a run killed at any moment ends exactly where a straight run ends
+# =====================================================================================================================
+
+TINY_CLI = ["--synthetic-per-class", "4", "--synthetic-size", "32", "--train-crop-size", "32", "--val-resize-size",
+            "32", "--val-crop-size", "32", "--grid", "8", "--kernel", "3", "--sigma", "1", "--epochs", "2",
+            "--batch-size", "8", "--deterministic", "--print-freq", "1", "--device", "cpu"]
+
+
+def _final_state(out_dir):
+    ck = torch.load(os.path.join(out_dir, "checkpoint.pth"), weights_only=True)
+    return {"model": torch.load(os.path.join(out_dir, "model_heated.pth"), weights_only=True),
+            "policy": ck["policy_net"], "alpha": ck["base_alpha"], "beta": ck["base_beta"],
+            "momentum": [s["momentum_buffer"] for s in ck["optimizer"]["state"].values()]}
+
+
+def _assert_same_state(a, b):
+    assert torch.equal(a["alpha"], b["alpha"]) and torch.equal(a["beta"], b["beta"])
+    for part in ("model", "policy"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert all(torch.equal(x, y) for x, y in zip(a["momentum"], b["momentum"]))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("straight"))
+    proc = run_cli(*TINY_CLI, "--workers", "0", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _final_state(out)
+
+
+def _kill_when(args, out_dir, condition, timeout=240):
+    """Start a run, poll its checkpoint, SIGKILL the process as soon as condition(checkpoint) holds."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pgnm.py"), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    path, t0 = os.path.join(out_dir, "checkpoint.pth"), time.time()
+    try:
+        while time.time() - t0 < timeout:
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before the kill point: {proc.stderr.read()[-2000:]}")
+            if os.path.exists(path):
+                try:
+                    ck = torch.load(path, weights_only=True)
+                except Exception:         # noqa: BLE001 - replaced while we read it
+                    ck = None
+                if ck is not None and condition(ck):
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return ck
+            time.sleep(0.01)
+        raise AssertionError("kill point not reached")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("where", ["epoch_boundary", "mid_epoch"])
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, straight_run, workers, where):
+    out = str(tmp_path)
+    args = [*TINY_CLI, "--workers", workers, "--output-dir", out]
+    if where == "mid_epoch":
+        args += ["--save-every-steps", "2"]
+        cond = lambda ck: ck["epoch"] == 1 and 0 < ck["step"] < ck["steps_per_epoch"]  # noqa: E731
+    else:
+        cond = lambda ck: ck["epoch"] == 0 and ck["step"] == ck["steps_per_epoch"]      # noqa: E731
+    ck = _kill_when(args, out, cond)
+    assert not os.path.exists(os.path.join(out, "model_heated.pth"))          # it really died part-way
+    proc = run_cli(*args, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {os.path.join(out, 'checkpoint.pth')}" in proc.stdout
+    _assert_same_state(_final_state(out), straight_run)
+    epochs = [r["epoch"] for r in read_log(out) if not r.get("final")]
+    assert epochs == [1, 2], epochs                                              # no epoch logged twice
+    if where == "mid_epoch":
+        assert f"epoch 2, step {ck['step']}" in proc.stdout or "epoch 2, step" in proc.stdout
+
+
+def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_is_identical(tmp_path, straight_run):
+    import signal
+    import time
+    out = str(tmp_path)
+    args = [*TINY_CLI, "--workers", "0", "--output-dir", out]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pgnm.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:                       # wait for a step in the middle of epoch 2
+        if "epoch 2/2 step 5/12" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3 and "stopped: stop requested by signal" in err, err[-2000:]
+    ck = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert ck["epoch"] == 1 and 5 <= ck["step"] < 12
+    res = run_cli(*args, "--resume", "auto")
+    assert res.returncode == 0, res.stderr[-2000:]
+    _assert_same_state(_final_state(out), straight_run)
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    out = str(tmp_path)
+    pgnm.main(tiny(output_dir=out, epochs=2))
+    path = os.path.join(out, "checkpoint.pth")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+    proc = run_cli(*TINY_CLI, "--epochs", "3", "--workers", "0", "--output-dir", out, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checkpoint.pth is unreadable" in proc.stdout and "trying the previous checkpoint" in proc.stdout
+    assert f"resumed from {os.path.join(out, 'checkpoint_prev.pth')}: epoch 2, step 0" in proc.stdout
+    assert [r["epoch"] for r in read_log(out) if not r.get("final")] == [1, 2, 3]
+
+
+def test_resume_with_other_flags_is_refused(tmp_path):
+    pgnm.main(tiny(output_dir=str(tmp_path)))
+    with pytest.raises(pgnm.UserError, match="--grid 8"):
+        pgnm.main(tiny(output_dir=str(tmp_path), grid=4, resume="auto"))
+    with pytest.raises(pgnm.UserError, match="does not exist"):
+        pgnm.main(tiny(output_dir=str(tmp_path), resume=str(tmp_path / "nope.pth")))
+
+
+def test_resume_restores_alpha_beta_instead_of_rerandomising(tmp_path):
+    out = str(tmp_path)
+    pgnm.main(tiny(output_dir=out, epochs=1))
+    saved = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    seen = {}
+    real = pgnm.train_one_epoch
+
+    def spy(run, *a, **k):
+        seen.setdefault("alpha", run.alpha_d.clone())
+        return real(run, *a, **k)
+    pgnm.train_one_epoch = spy
+    try:
+        pgnm.main(tiny(output_dir=out, epochs=2, resume="auto"))
+    finally:
+        pgnm.train_one_epoch = real
+    assert torch.equal(seen["alpha"], saved["base_alpha"])
+
+
+def _nan_objective(calls, bad):
+    real = pgnm.paper_objective
+
+    def patched(logp, ce):
+        calls.append(1)
+        out = real(logp, ce)
+        return out * float("nan") if bad(len(calls)) else out
+    return patched
+
+
+def test_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pgnm, "paper_objective", _nan_objective(calls, lambda n: n in (3, 4)))
+    before = {}
+    real_step = pgnm.train_step
+
+    def spy(run, x, y):
+        w = run.model_raw.conv1[0].weight.detach().clone()
+        a = run.alpha_d.clone()
+        loss, aux, ok = real_step(run, x, y)
+        if not ok:
+            before.setdefault("unchanged", []).append(torch.equal(w, run.model_raw.conv1[0].weight)
+                                                       and torch.equal(a, run.alpha_d))
+        return loss, aux, ok
+    monkeypatch.setattr(pgnm, "train_step", spy)
+    pgnm.main(tiny(output_dir=str(tmp_path)))
+    assert before["unchanged"] == [True, True]                   # weights and alpha_d untouched by skipped steps
+    log = read_log(str(tmp_path))
+    assert log[0]["bad_steps"] == 2 and math.isfinite(log[0]["train_loss"])
+
+
+def test_too_many_bad_steps_stop_cleanly_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    pgnm.main(tiny(output_dir=out))
+    good = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    monkeypatch.setattr(pgnm, "paper_objective", _nan_objective([], lambda n: True))
+    with pytest.raises(pgnm.TrainingStopped, match="3 non-finite steps in a row"):
+        pgnm.main(tiny(output_dir=out, epochs=2, resume="auto", max_bad_steps=3))
+    kept = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert kept["epoch"] == good["epoch"] and torch.equal(kept["base_alpha"], good["base_alpha"])
+
+
+# =====================================================================================================================
+#  Distributed: two gloo processes on CPU
+# =====================================================================================================================
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_kw, out_dir, env_style):
+    """One rank: run pgnm.main and save what that rank holds at the end (every rank builds the checkpoint)."""
+    if env_style == "torchrun":
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    else:
+        os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(world), SLURM_LOCALID=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    captured = {}
+    real = pgnm.make_checkpoint
+
+    def spy(run, *a, **k):
+        captured["payload"] = real(run, *a, **k)
+        return captured["payload"]
+    pgnm.make_checkpoint = spy
+    res = pgnm.main(pgnm.make_config(**cfg_kw))
+    torch.save({"payload": captured["payload"], "res": res}, os.path.join(out_dir, f"rank{rank}.pth"))
+
+
+def _spawn(cfg_kw, out_dir, env_style="torchrun", world=2):
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(world, _free_port(), cfg_kw, out_dir, env_style), nprocs=world, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pth"), weights_only=True) for r in range(world)]
+
+
+@pytest.mark.parametrize("env_style", ["torchrun", "slurm"])
+def test_two_process_heated_run_stays_in_sync_and_counts_every_sample(tmp_path, env_style):
+    data = str(tmp_path / "d.npz")
+    _write_npz(data, n=61, size=32)                       # 61 val/test samples: not divisible by 2 ranks
+    kw = dict(phase="heated", data_path=data, model="resnet10t", train_crop_size=32, val_resize_size=32, val_crop_size=32, grid=8,
+              kernel=3, sigma=1.0, epochs=2, batch_size=8, print_freq=1000, workers=0, device="cpu",
+              output_dir=str(tmp_path / "out"), sync_bn=True)
+    r0, r1 = _spawn(kw, str(tmp_path), env_style)
+    p0, p1 = r0["payload"], r1["payload"]
+    assert torch.equal(p0["base_alpha"], p1["base_alpha"]) and torch.equal(p0["base_beta"], p1["base_beta"])
+    assert not torch.equal(p0["base_alpha"], torch.rand(1, 64, generator=torch.Generator().manual_seed(0)))
+    for part in ("model", "policy_net"):
+        for k in p0[part]:
+            assert torch.equal(p0[part][k], p1[part][k]), (part, k)
+    assert len(p0["rng"]) == 2 and not torch.equal(p0["rng"][0]["torch"], p0["rng"][1]["torch"])
+    assert r0["res"]["val_n"] == 61 and r0["res"]["test_n"] == 61
+    assert r0["res"]["val_acc"] == r1["res"]["val_acc"]
+    # the metrics over the gathered predictions equal a single-process evaluation of the saved model
+    model = pgnm.build_model("resnet10t", 3)
+    model.load_state_dict(torch.load(tmp_path / "out" / "model_heated.pth", weights_only=True))
+    cfg = pgnm.make_config(**kw)
+    ds = pgnm.build_datasets(cfg)["val"]
+    loader = torch.utils.data.DataLoader(ds, batch_size=16)
+    probs, target = pgnm.predict(model, loader, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    single = pgnm.classification_metrics(probs, target)
+    assert single["acc"] == pytest.approx(r0["res"]["val_acc"], abs=1e-9)
+    assert single["auroc"] == pytest.approx(r0["res"]["val_auroc"], abs=1e-6)
+    log = read_log(str(tmp_path / "out"))
+    assert [r["epoch"] for r in log] == [1, 2, 2]                  # rank 0 alone writes
+
+
+def test_sync_bn_checkpoint_loads_into_a_plain_model(tmp_path):
+    pgnm.main(tiny(output_dir=str(tmp_path), sync_bn=True))      # world size 1: converted, runs as plain BN
+    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    plain = pgnm.build_model("resnet10t", 24)
+    plain.load_state_dict(ck["model"], strict=True)
+    pgnm.PolicyNet(8).load_state_dict(ck["policy_net"], strict=True)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(pgnm.build_model("resnet10t", 24))
+    assert list(converted.state_dict()) == list(plain.state_dict())
+
+
+def test_all_gather_and_interleave_restore_data_set_order():
+    t = torch.arange(7)
+    gathered = torch.cat([t[0::2], t[1::2]])                        # rank 0 then rank 1 (EvalSampler striding)
+    assert torch.equal(pgnm.interleave_ranks(gathered, 2), t)
+    s0, s1 = list(pgnm.EvalSampler(7, 0, 2)), list(pgnm.EvalSampler(7, 1, 2))
+    assert sorted(s0 + s1) == list(range(7)) and not set(s0) & set(s1)
+
+
+# =====================================================================================================================
+#  Precision: autocast (bf16 on CPU here; fp16 + GradScaler on GPU when one is present)
+# =====================================================================================================================
+
+
+def _extreme_run(cfg, dtype_amp=True):
+    torch.manual_seed(0)
+    policy, model = pgnm.PolicyNet(cfg.grid), pgnm.build_model("resnet10t", 24)
+    with torch.no_grad():                 # extreme policy outputs: last layers scaled up
+        for head in (policy.alpha, policy.beta):
+            head[6].weight.mul_(1e3)
+            head[6].bias.fill_(30.0)
+    opt, pol_opt = torch.optim.SGD(model.parameters(), lr=0.01), torch.optim.SGD(policy.parameters(), lr=0.001)
+    return pgnm.Run(cfg, pgnm.DistInfo(), model, model, opt, None, policy, policy, pol_opt, None,
+                    torch.rand(1, 64), torch.rand(1, 64))
+
+
+@pytest.mark.parametrize("objective", ["paper", "reinforce"])
+def test_objective_and_gradients_finite_under_bf16_autocast_for_extreme_policy_outputs(objective):
+    run = _extreme_run(tiny(amp=True, amp_dtype="bfloat16", objective=objective))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 24, (8,))
+    with run.autocast():
+        a, _ = run.policy(x)
+    assert a.dtype == torch.bfloat16 and a.abs().max() > 100       # autocast is really on, outputs really extreme
+    loss, aux = pgnm.compute_loss(run, x, y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    for p in run.parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all()
+
+
+def test_bf16_training_runs_end_to_end(tmp_path):
+    res = pgnm.main(tiny(output_dir=str(tmp_path), amp=True, amp_dtype="bfloat16", synthetic_per_class=1))
+    assert math.isfinite(res["val_loss"])
+    assert read_log(str(tmp_path))[0]["bad_steps"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_gradscaler_on_gpu(tmp_path):
+    res = pgnm.main(tiny(output_dir=str(tmp_path), amp=True, device="cuda", epochs=2))
+    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
+    assert math.isfinite(res["val_loss"])
+    run = _extreme_run(tiny(amp=True, device="cuda"))
+    run.info = pgnm.DistInfo(device=torch.device("cuda"))
+    run.model.cuda(), run.policy.cuda()
+    run.alpha_d, run.beta_d = run.alpha_d.cuda(), run.beta_d.cuda()
+    run.scaler = torch.amp.GradScaler("cuda")
+    loss, _, ok = pgnm.train_step(run, torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 24, (8,), device="cuda"))
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in run.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_and_cpu_mask_pipeline_agree():
+    m = torch.rand(4, 64 * 64)
+    cpu = pgnm.upsample_blur(m, (224, 224), 13, 6.0)
+    gpu = pgnm.upsample_blur(m.cuda(), (224, 224), 13, 6.0).cpu()
+    assert (cpu - gpu).abs().max() < 1e-5
