@@ -386,7 +386,7 @@ def classification_metrics(probs: torch.Tensor, target: torch.Tensor) -> dict[st
     Conventions follow scikit-learn's defaults: precision/recall/F1 average over the classes that occur in the
     labels or the predictions (0 where undefined); balanced accuracy over the classes that occur in the labels;
     AUROC over the classes that occur in the labels and not in all of them (scikit-learn refuses otherwise)."""
-    probs, target = probs.double().cpu(), target.long().cpu()
+    probs, target = probs.detach().double().cpu(), target.detach().long().cpu()
     n, c = probs.shape
     if n == 0:
         return {k: float("nan") for k in ("acc", "balanced_acc", "precision", "recall", "f1", "auroc", "entropy")}
@@ -1179,11 +1179,11 @@ def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
     os.replace(tmp, path)
 
 
-def load_classifier_weights(path: str) -> dict:
+def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
     """A classifier state_dict from any of: our checkpoint.pth / model_<phase>.pth, the authors' checkpoints ('model'
     key, 'module.'/'_orig_mod.' prefixes), timm or torchvision weight files. Never runs code from the file."""
     if not os.path.isfile(path):
-        raise UserError(f"--finetune {path} does not exist")
+        raise UserError(f"{flag} {path} does not exist")
     try:
         obj = safe_load(path)
     except Exception as e:  # noqa: BLE001
@@ -1980,8 +1980,10 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
     times: dict[str, list[float]] = {k: [] for k in variants}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    names = list(variants)
     for r in range(warmup + rounds):
-        for name, fn in variants.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:   # rotate: no variant always follows another
+            fn = variants[name]
             sync()
             t0 = time.perf_counter()
             fn()

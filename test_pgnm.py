@@ -1003,3 +1003,176 @@ def test_gpu_and_cpu_mask_pipeline_agree():
     cpu = pgnm.upsample_blur(m, (224, 224), 13, 6.0)
     gpu = pgnm.upsample_blur(m.cuda(), (224, 224), 13, 6.0).cpu()
     assert (cpu - gpu).abs().max() < 1e-5
+
+
+# =====================================================================================================================
+#  evaluate.py: probes, statistics and metrics against scikit-learn / scipy
+# =====================================================================================================================
+
+import evaluate as ev  # noqa: E402
+
+
+def test_t_quantile_and_ci_by_hand():
+    # t_{0.975} from printed tables
+    for df, want in ((1, 12.706204736), (2, 4.302652730), (6, 2.446911851), (9, 2.262157163), (30, 2.042272456)):
+        assert ev.t_quantile(0.975, df) == pytest.approx(want, abs=1e-6)
+    mean, half = ev.mean_ci([1, 2, 3, 4, 5, 6, 7])
+    assert mean == 4.0
+    assert half == pytest.approx(2.446911851 * math.sqrt(28 / 6) / math.sqrt(7), rel=1e-7)
+    m1, h1 = ev.mean_ci([0.5])
+    assert m1 == 0.5 and math.isnan(h1)
+    assert [ev.trials_for(n) for n in (9_999, 10_000, 30_000, 30_001)] == [7, 3, 3, 1]
+
+
+def test_t_distribution_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 31):
+        for t in (0.3, 1.0, 2.0, 4.5):
+            assert ev.t_two_sided_mass(t, df) == pytest.approx(stats.t.cdf(t, df) - stats.t.cdf(-t, df), abs=1e-12)
+        assert ev.t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-8)
+
+
+@pytest.mark.parametrize("case", ["random", "label_never_positive", "always_predicted"])
+def test_multilabel_metrics_equal_sklearn(case):
+    import warnings
+    from sklearn import metrics as skm
+    rng = np.random.default_rng(1)
+    y = (rng.random((100, 6)) < 0.3).astype(int)
+    p = np.clip(y * 0.3 + rng.random((100, 6)) * 0.7, 0, 1)
+    if case == "label_never_positive":
+        y[:, 2] = 0
+    if case == "always_predicted":
+        p[:, 4] = 0.9
+    ours = ev.multilabel_metrics(torch.from_numpy(p), torch.from_numpy(y))
+    pred = (p > 0.5).astype(int)
+    keep = [k for k in range(6) if 0 < y[:, k].sum() < 100]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ours["auroc"] == pytest.approx(np.mean([skm.roc_auc_score(y[:, k], p[:, k]) for k in keep]))
+        assert ours["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0))
+        assert ours["precision"] == pytest.approx(skm.precision_score(y, pred, average="macro", zero_division=0))
+        assert ours["recall"] == pytest.approx(skm.recall_score(y, pred, average="macro", zero_division=0))
+    assert ours["acc"] == pytest.approx((pred == y).mean())
+    if case == "random":
+        assert ours["auroc"] == pytest.approx(skm.roc_auc_score(y, p, average="macro"))
+
+
+def test_logistic_regression_matches_sklearn():
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    x, y = make_classification(n_samples=900, n_features=40, n_informative=12, n_classes=5, n_clusters_per_class=2,
+                               class_sep=0.8, random_state=0)
+    xtr, xte = ev.standardize(torch.tensor(x[:600], dtype=torch.float32), torch.tensor(x[600:], dtype=torch.float32))
+    lin = ev.fit_logreg(xtr, torch.tensor(y[:600]), ev.Task("multiclass", 5))
+    ours = (lin(xte).argmax(1).numpy() == y[600:]).mean()
+    sk = LogisticRegression(C=1.0, max_iter=2000).fit(xtr.numpy(), y[:600])
+    ref = (sk.predict(xte.numpy()) == y[600:]).mean()
+    assert abs(ours - ref) <= 0.01, (ours, ref)
+    assert np.allclose(lin.weight.detach().numpy(), sk.coef_, atol=2e-2)   # the same optimum
+
+
+def test_mlp_probe_learns_and_stops_early():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(400) % 4
+    x = centers[y] + torch.randn(400, 16, generator=g)
+    task = ev.Task("multiclass", 4)
+    mlp, best_epoch = ev.train_mlp(x[:300], y[:300], x[300:350], y[300:350], task, seed=0, patience=5)
+    assert task.metrics(mlp(x[350:]), y[350:])["f1"] > 0.9
+    assert 1 <= best_epoch < 200
+
+
+def test_lowshot_sampling_and_a_test_split_missing_a_class():
+    labels = np.repeat(np.arange(3), [20, 5, 20])
+    idx = ev.sample_shots(labels, 8, np.random.default_rng(0), ev.Task("multiclass", 3))
+    assert np.bincount(labels[idx]).tolist() == [8, 5, 8]
+    feats = {"train": torch.randn(45, 8), "test": torch.randn(10, 8)}
+    res = ev.run_lowshot(feats, {"train": labels, "test": np.array([0] * 5 + [1] * 5)},   # class 2 absent from test
+                         ev.Task("multiclass", 3), [4], 2, torch.device("cpu"), log=lambda *_: None)
+    assert math.isfinite(res[4]["auroc_mean"])
+
+
+def _tiny_backbone(tmp_path, arch="resnet10t"):
+    path = str(tmp_path / f"{arch}.pth")
+    torch.manual_seed(0)
+    torch.save({"model": pgnm.build_model(arch, 7).state_dict()}, path)
+    return path
+
+
+EVAL_KW = dict(trials=2, shots=[2, 4], lowshot_trials=2, image_size=32, device="cpu", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npz_merged", "imagefolder", "multilabel"])
+def test_evaluate_every_input_format(tmp_path, fmt):
+    ck = _tiny_backbone(tmp_path)
+    if fmt == "imagefolder":
+        spec = str(tmp_path / "folder")
+        _write_imagefolder(spec, per=6, size=32)
+    else:
+        spec = str(tmp_path / f"{fmt}.npz")
+        _write_npz(spec, merged=fmt == "npz_merged", n=60, multilabel=fmt == "multilabel", rgb=fmt == "npz")
+    out = str(tmp_path / "out")
+    res = ev.evaluate([ck, ck], ["A", "B"], [spec], out, **EVAL_KW)
+    (name, r), = res.items()
+    assert r["task"] == ("multilabel" if fmt == "multilabel" else "multiclass")
+    assert r["mlp"]["A"]["trials"] == 2 and len(r["mlp"]["A"]["f1"]) == 2
+    assert r["mlp"]["A"]["f1"] == r["mlp"]["B"]["f1"]                       # same weights, same seeds
+    assert set(r["lowshot"]["A"]) == {2, 4}
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert name in saved
+    rows = open(os.path.join(out, "results.csv")).read().splitlines()
+    assert rows[0].startswith("dataset,backbone,probe") and len(rows) > 10
+
+
+def test_feature_cache_second_run_extracts_nothing(tmp_path, monkeypatch):
+    ck = _tiny_backbone(tmp_path)
+    spec = str(tmp_path / "d.npz")
+    _write_npz(spec, n=30)
+    calls = []
+    real = ev.extract_features
+    monkeypatch.setattr(ev, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **EVAL_KW)
+    assert len(calls) == 3                                                    # train, val, test
+    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **EVAL_KW)
+    assert len(calls) == 3
+    torch.save({"model": pgnm.build_model("resnet10t", 7).state_dict()}, ck)  # other weights: a new cache entry
+    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **EVAL_KW)
+    assert len(calls) == 6
+
+
+def test_evaluate_bad_inputs(tmp_path, capsys):
+    ck = _tiny_backbone(tmp_path)
+    bad = str(tmp_path / "bad.npz")
+    np.savez(bad, pictures=np.zeros((2, 4, 4), np.uint8))
+    assert ev.cli(["--checkpoints", ck, "--data", bad, "--output-dir", str(tmp_path / "o")]) == 2
+    assert "expected train_images" in capsys.readouterr().err
+    spec = str(tmp_path / "d.npz")
+    _write_npz(spec, n=30)
+    assert ev.cli(["--checkpoints", ck, "--model", "resnet50", "--data", spec]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit --model resnet50" in err and "looks like resnet10t" in err and len(err.splitlines()) == 1
+    d = dict(np.load(spec))
+    d["val_labels"] = d["val_labels"] + 5
+    np.savez(spec, **d)
+    assert ev.cli(["--checkpoints", ck, "--data", spec]) == 2
+    assert "out of range" in capsys.readouterr().err
+    d["val_labels"] = d["val_labels"] - 10
+    np.savez(spec, **d)
+    assert ev.cli(["--checkpoints", ck, "--data", spec]) == 2
+    assert "must be >= 0" in capsys.readouterr().err
+    assert ev.cli(["--checkpoints", ck, ck, "--labels", "one"]) == 2
+    assert "--labels has 1 names for 2" in capsys.readouterr().err
+    assert ev.cli(["--runs-dir", str(tmp_path / "none")]) == 2
+    assert "python pgnm.py --phase heated" in capsys.readouterr().err
+
+
+def test_evaluate_without_arguments_uses_the_newest_run(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    pgnm.main(tiny("baseline", output_dir=str(runs / "baseline")))
+    code = ev.cli(["--runs-dir", str(runs), "--output-dir", str(tmp_path / "ev"), "--trials", "1", "--lowshot-trials",
+                   "1", "--shots", "2", "--image-size", "32"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| synthetic-unseen (multiclass" in out and "baseline" in out
+    res = json.load(open(tmp_path / "ev" / "results.json"))
+    assert res["synthetic-unseen"]["mlp"]["baseline"]["trials"] == 1
