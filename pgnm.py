@@ -581,19 +581,25 @@ def guess_architecture(state_dict: dict) -> str | None:
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 
-def to_rgb8(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16/32-bit integer and float images are scaled by their own min..max range to 0..255
-    (never clipped: medical PNGs often use 12 of 16 bits); alpha is dropped; palettes are expanded."""
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit L (greyscale) or RGB. 16/32-bit integer and float images are scaled by their own
+    min..max range to 0..255 (never clipped: medical PNGs often use 12 of 16 bits); alpha is dropped; palettes are
+    expanded."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        img = Image.fromarray(np.round(a).astype(np.uint8), mode="L")
-    elif img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("LA", "PA"):
-        img = img.convert("L")
-    return img.convert("RGB")
+        return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode in ("LA", "1"):
+        return img.convert("L")
+    return img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA") else img.convert("RGB")
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (greyscale replicated), by to_8bit's rules."""
+    return to_8bit(img).convert("RGB")
 
 
 def load_image(path: str) -> torch.Tensor:

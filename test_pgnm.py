@@ -1176,3 +1176,211 @@ def test_evaluate_without_arguments_uses_the_newest_run(tmp_path, capsys):
     assert "| synthetic-unseen (multiclass" in out and "baseline" in out
     res = json.load(open(tmp_path / "ev" / "results.json"))
     assert res["synthetic-unseen"]["mlp"]["baseline"]["trials"] == 1
+
+
+# =====================================================================================================================
+#  refine_radimagenet.py: splits, artifact removal, manifest, resume
+# =====================================================================================================================
+
+import refine_radimagenet as rr  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def raw_tree(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("raw"))
+    rr.make_demo(root, per_class=10, seed=0)
+    return root
+
+
+def _tree_bytes(root):
+    out = {}
+    for dp, _, fns in os.walk(root):
+        for f in fns:
+            if f.endswith(".png"):
+                p = os.path.join(dp, f)
+                out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def refined(raw_tree, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("refined"))
+    manifest = rr.refine(raw_tree, out, seed=0, workers=0, log=lambda *_: None)
+    return out, manifest
+
+
+def test_refine_removes_ultrasound_artifacts_and_leaves_the_rest(raw_tree, refined):
+    out, manifest = refined
+    us = sorted(p for p in _tree_bytes(os.path.join(raw_tree, "radiology_ai", "US")))
+    assert len(us) == 30
+    maes = []
+    for rel in us:
+        label, name = rel.split("/")
+        src = np.asarray(Image.open(os.path.join(raw_tree, "radiology_ai", "US", rel)))
+        clean = np.asarray(Image.open(os.path.join(raw_tree, "_clean", label, name))).astype(int)
+        (dst,) = [p for p in _tree_bytes(out) if p.endswith(f"US__{label}/{name}")]
+        res = Image.open(os.path.join(out, dst))
+        arr = np.asarray(res.convert("RGB")).astype(int)
+        assert (arr.max(2) == arr.min(2)).all()                              # no colour pixel remains
+        painted = np.abs(src.astype(int) - clean[..., None]).max(2) > 0
+        assert painted.sum() > 500                                           # the demo really burned artifacts in
+        grey = arr[..., 0]
+        maes.append(np.abs(grey - clean)[painted].mean())
+        far = ~rr.dilate(painted.astype(np.uint8), 2).astype(bool)
+        assert np.array_equal(grey[far], clean[far])                         # untouched beyond a 2-px halo
+    assert max(maes) < 10.0, maes                                            # filled close to the clean truth
+    assert manifest["cleaning"]["images"] == 30 and manifest["cleaning"]["images_changed"] == 30
+
+
+def test_refine_copies_ct_and_mr_byte_for_byte(raw_tree, refined):
+    out, _ = refined
+    src = _tree_bytes(os.path.join(raw_tree, "radiology_ai"))
+    dst = _tree_bytes(out)
+    by_name = {os.path.basename(k): v for k, v in dst.items()}
+    ctmr = [k for k in src if not k.startswith("US/")]
+    assert len(ctmr) == 60
+    assert all(by_name[os.path.basename(k)] == src[k] for k in ctmr)
+
+
+def test_refine_split_is_stratified_and_seeded(raw_tree, refined, tmp_path):
+    out, manifest = refined
+    assert manifest["classes"] == 9 and {"CT__abd__cyst", "MR__knee__normal", "US__ovary"} <= set(manifest["counts"])
+    for c, counts in manifest["counts"].items():
+        for s, want in zip(rr.SPLITS, (8, 1, 1)):
+            assert abs(counts[s] - want) <= 1, (c, counts)
+        for s in rr.SPLITS:
+            assert len(os.listdir(os.path.join(out, s, c))) == counts[s]
+    again = rr.refine(raw_tree, str(tmp_path / "again"), seed=0, dry_run=True, log=lambda *_: None)
+    assert again["counts"] == manifest["counts"]
+    a = set(p for p in _tree_bytes(out) if p.startswith("val/"))
+    other = rr.refine(raw_tree, str(tmp_path / "seed1"), seed=1, workers=0, log=lambda *_: None)
+    b = set(p for p in _tree_bytes(str(tmp_path / "seed1")) if p.startswith("val/"))
+    assert a != b and other["totals"] == manifest["totals"]
+    assert not os.path.exists(tmp_path / "again")                              # --dry-run writes nothing
+
+
+def test_target_counts():
+    assert rr.target_counts(10, (0.8, 0.1, 0.1)) == [8, 1, 1]
+    assert rr.target_counts(12, (0.8, 0.1, 0.1)) == [10, 1, 1]
+    assert rr.target_counts(3, (0.8, 0.1, 0.1)) == [1, 1, 1]
+    assert rr.target_counts(2, (0.8, 0.1, 0.1)) == [2, 0, 0]
+    assert sum(rr.target_counts(1001, (0.7, 0.2, 0.1))) == 1001
+
+
+def test_refine_duplicates_blanks_and_unreadable(tmp_path):
+    import shutil
+    root = str(tmp_path / "raw")
+    rr.make_demo(root, per_class=6, seed=1)
+    ct = os.path.join(root, "radiology_ai", "CT", "abd", "normal")
+    first = sorted(os.listdir(ct))[0]
+    for k in range(3):                                                       # duplicates, one in another class
+        shutil.copy(os.path.join(ct, first), os.path.join(ct, f"dup{k}.png"))
+    shutil.copy(os.path.join(ct, first), os.path.join(root, "radiology_ai", "CT", "abd", "cyst", "dupx.png"))
+    Image.fromarray(np.full((224, 224), 17, np.uint8)).save(os.path.join(ct, "blank.png"))
+    with open(os.path.join(ct, "broken.png"), "wb") as fh:
+        fh.write(b"\x89PNG garbage")
+    out = str(tmp_path / "out")
+    m = rr.refine(root, out, workers=0, log=lambda *_: None)
+    (group,) = m["duplicates"]
+    assert len(group) == 5 and m["straddling_duplicates"] == []
+    files = _tree_bytes(out)
+    splits = {p.split("/")[0] for p in files if os.path.basename(p) in {first, "dup0.png", "dup1.png", "dup2.png",
+                                                                        "dupx.png"}}
+    assert len(splits) == 1                                                  # never straddle two splits
+    assert m["blank"] == ["radiology_ai/CT/abd/normal/blank.png"]
+    assert [u["file"] for u in m["unreadable"]] == ["radiology_ai/CT/abd/normal/broken.png"]
+    assert not any(p.endswith(("blank.png", "broken.png")) for p in files)
+
+
+def _write_csvs(folder, assignment):
+    os.makedirs(folder, exist_ok=True)
+    for split in rr.SPLITS:
+        with open(os.path.join(folder, rr.CSV_NAMES[split]), "w") as fh:
+            fh.write("filename,label\n")
+            for rel, s in assignment.items():
+                if s == split:
+                    fh.write(f"{rel},x\n")
+
+
+def test_refine_follows_the_split_csvs(raw_tree, tmp_path):
+    rels = rr.scan_tree(raw_tree)
+    assignment = {rel: rr.SPLITS[i % 3] for i, rel in enumerate(rels[:-5])}   # 5 files left unlisted
+    _write_csvs(str(tmp_path / "csv"), assignment)
+    m = rr.refine(raw_tree, str(tmp_path / "out"), split_csv_dir=str(tmp_path / "csv"), no_clean=True, workers=0,
+                  log=lambda *_: None)
+    assert m["mode"] == "csv" and len(m["on_disk_but_unlisted"]) == 5
+    for rel, split in assignment.items():
+        assert os.path.exists(os.path.join(tmp_path, "out", split, rr.class_of(rel), os.path.basename(rel)))
+    src = open(os.path.join(raw_tree, rels[-6]), "rb").read()                 # --no-clean: US copied as is
+    assert rels[-6].startswith("radiology_ai/US/")
+    assert open(os.path.join(tmp_path, "out", assignment[rels[-6]], rr.class_of(rels[-6]),
+                             os.path.basename(rels[-6])), "rb").read() == src
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "/etc/passwd", "radiology_ai/../../x.png", "C:/x.png"])
+def test_refine_refuses_csv_paths_that_escape_the_root(raw_tree, tmp_path, capsys, bad):
+    _write_csvs(str(tmp_path / "csv"), {bad: "train"})
+    code = rr.cli(["--data-path", raw_tree, "--output-dir", str(tmp_path / "o"), "--split-csv-dir",
+                   str(tmp_path / "csv"), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "escapes the data root" in err and len(err.strip().splitlines()) == 1
+
+
+def test_refine_resumed_after_interruption_equals_a_straight_run(raw_tree, refined, tmp_path, monkeypatch):
+    out_ref, manifest_ref = refined
+    out = str(tmp_path / "out")
+    real, calls = rr.process, []
+
+    def dying(job, params=rr.CleanParams()):
+        if len(calls) == 40:
+            raise KeyboardInterrupt
+        calls.append(job.rel)
+        return real(job, params)
+    monkeypatch.setattr(rr, "process", dying)
+    with pytest.raises(KeyboardInterrupt):
+        rr.refine(raw_tree, out, seed=0, workers=0, log=lambda *_: None)
+    assert 0 < len(_tree_bytes(out)) < 90 and not os.path.exists(os.path.join(out, "manifest.json"))
+    monkeypatch.setattr(rr, "process", real)
+    lines = []
+    m = rr.refine(raw_tree, out, seed=0, workers=0, log=lines.append)
+    assert any("resuming: 40 outputs already done, 50 to go" in ln for ln in lines)
+    assert _tree_bytes(out) == _tree_bytes(out_ref)
+    assert m["checksum"] == manifest_ref["checksum"] and m["counts"] == manifest_ref["counts"]
+
+
+def test_refine_with_workers_equals_in_process(raw_tree, refined, tmp_path):
+    m = rr.refine(raw_tree, str(tmp_path / "o"), seed=0, workers=2, log=lambda *_: None)
+    assert m["checksum"] == refined[1]["checksum"]
+
+
+def test_correction_mask_is_added_without_wraparound_in_rgb_order():
+    img = Image.fromarray(np.dstack([np.full((224, 224), v, np.uint8) for v in (250, 100, 5)]), "RGB")
+    bgr = np.zeros((224, 224, 3), np.int16)
+    bgr[..., 0], bgr[..., 2] = -10, 20                                     # B -10, R +20 in OpenCV's order
+    out = np.asarray(rr.apply_correction_mask(img, bgr))
+    assert out[0, 0].tolist() == [255, 100, 0]                             # 250+20 clipped, 5-10 clipped
+    small = Image.fromarray(np.full((100, 100), 60, np.uint8))
+    grey = rr.apply_correction_mask(small, np.full((224, 224), 7, np.int16))
+    assert grey.mode == "L" and grey.size == (224, 224) and np.asarray(grey)[5, 5] == 67
+
+
+def test_refine_applies_the_authors_masks(raw_tree, tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    us = [r for r in rr.scan_tree(raw_tree) if r.startswith("radiology_ai/US/")]
+    for rel in us[:-1]:
+        np.save(masks / (os.path.splitext(os.path.basename(rel))[0] + ".npy"), np.full((224, 224, 3), 3, np.int16))
+    m = rr.refine(raw_tree, str(tmp_path / "o"), correction_masks=str(masks), workers=0, log=lambda *_: None)
+    assert m["actions"]["correct"] == len(us) - 1 and m["missing_correction_masks"] == [us[-1]]
+
+
+def test_sixteen_bit_ct_is_scaled_to_eight_bits(tmp_path):
+    root = tmp_path / "raw" / "radiology_ai" / "CT" / "abd" / "normal"
+    root.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray((np.arange(224 * 224).reshape(224, 224) % 4096 + i).astype(np.uint16)).save(root / f"{i}.png")
+    rr.refine(str(tmp_path / "raw"), str(tmp_path / "o"), workers=0, log=lambda *_: None)
+    outs = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "o") for f in fs if f.endswith(".png")]
+    assert len(outs) == 3
+    a = np.asarray(Image.open(outs[0]))
+    assert a.dtype == np.uint8 and a.min() == 0 and a.max() == 255
