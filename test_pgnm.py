@@ -308,6 +308,14 @@ def test_guess_architecture():
 # =====================================================================================================================
 
 
+def test_compiled_and_ddp_wrappers_unwrap_to_plain_keys():
+    m = pgnm.build_model("resnet10t", 5)
+    compiled = torch.compile(m)                    # lazy: nothing is compiled until called
+    assert pgnm.unwrap(compiled) is m
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    assert list(pgnm.strip_prefixes(compiled.state_dict())) == list(m.state_dict())
+
+
 def test_strip_prefixes():
     sd = {"module._orig_mod.fc.weight": 1, "_orig_mod.module.conv1.weight": 2, "bn1.bias": 3}
     assert pgnm.strip_prefixes(sd) == {"fc.weight": 1, "conv1.weight": 2, "bn1.bias": 3}
@@ -630,7 +638,7 @@ def test_heated_then_finetune_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(noise="uniform"), dict(noise="gaussian", kernel=0),
                                 dict(objective="reinforce"), dict(grid=32, kernel=13, sigma=6.0),
-                                dict(policy_size=16)])
+                                dict(policy_size=16), dict(channels_last=True)])
 def test_heated_variants(tmp_path, kw):
     res = pgnm.main(tiny(output_dir=str(tmp_path), **kw))
     assert 0.0 <= res["val_acc"] <= 1.0 and math.isfinite(res["val_noisy_auroc"])
