@@ -524,8 +524,7 @@ def evaluate(checkpoints: Sequence[str], labels: Sequence[str] | None = None, da
     for spec in specs:
         d = load_probe_data(spec, size, seed)
         task = task_of(d.labels["train"])
-        n_samples = sum(len(v) for v in d.labels.values() if v is not None) \
-            if d.labels["test"] is not d.labels["val"] else len(d.labels["train"]) + len(d.labels["val"])
+        n_samples = sum(len(v) for v in d.labels.values())
         k = trials or trials_for(n_samples)
         log(f"[{d.name}] {task.kind}, {task.n_out} {'labels' if task.kind == 'multilabel' else 'classes'}, "
             f"train {len(d.labels['train'])} val {len(d.labels['val'])} test {len(d.labels['test'])}; "
