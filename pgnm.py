@@ -43,7 +43,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -1145,16 +1145,6 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
 
 
-def interleave_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
-    """Undo EvalSampler's striding: rows gathered rank by rank (r, r+W, ...) -> data set order."""
-    if world == 1:
-        return t
-    n = t.shape[0]
-    out = torch.empty_like(t)
-    out[torch.cat([torch.arange(r, n, world) for r in range(world)])] = t
-    return out
-
-
 # =====================================================================================================================
 #  Checkpoints
 # =====================================================================================================================
@@ -1297,143 +1287,226 @@ def load_checkpoint_with_fallback(output_dir: str, log=print) -> tuple[dict | No
 
 @dataclass
 class Run:
-    """Everything a training step touches. `model`/`policy` may be DDP/compile wrappers; `*_raw` are the modules
-    underneath (what is saved and loaded). alpha_d/beta_d are the dataset-level Beta parameters of eq. 12-13 in
-    log space, (1, G*G) float32, identical on every rank."""
+    """What a phase trains with, fixed for the whole run: the config, the networks, their optimisers and schedulers,
+    the fp16 GradScaler and the batch MixUp/CutMix. `model`/`policy` may be wrapped (DDP, torch.compile) for the step;
+    `model_raw`/`policy_raw` are the modules underneath, what is saved and loaded. There is a policy only in the heated
+    phase with --noise beta."""
     cfg: Config
     info: DistInfo
     model: nn.Module
-    model_raw: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     policy: nn.Module | None = None
-    policy_raw: nn.Module | None = None
     pol_optimizer: torch.optim.Optimizer | None = None
     pol_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    alpha_d: torch.Tensor | None = None
-    beta_d: torch.Tensor | None = None
     scaler: torch.amp.GradScaler | None = None
     mixup: Callable | None = None
-    bad_in_a_row: int = 0
-    bad_total: int = 0
-    amp_skipped: int = 0
-    signal_received: bool = False     # set by SIGTERM/SIGUSR1 on this process, at any moment
-    stop_requested: bool = False      # agreed by all ranks at the step's all-reduce: checkpoint and stop
+
+    @property
+    def model_raw(self) -> nn.Module:
+        return unwrap(self.model)
+
+    @property
+    def policy_raw(self) -> nn.Module | None:
+        return unwrap(self.policy) if self.policy is not None else None
 
     @property
     def heated(self) -> bool:
         return self.cfg.phase == "heated"
 
+    def networks(self) -> list[nn.Module]:
+        return [self.model_raw] + ([self.policy_raw] if self.policy is not None else [])
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.optimizer, self.pol_optimizer) if o is not None]
+
     def autocast(self):
         dtype = torch.bfloat16 if self.cfg.amp_dtype == "bfloat16" or self.info.device.type == "cpu" else torch.float16
         return torch.autocast(self.info.device.type, dtype=dtype, enabled=self.cfg.amp)
 
-    def parameters(self):
-        ps = list(self.model_raw.parameters())
-        return ps + (list(self.policy_raw.parameters()) if self.policy_raw is not None else [])
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for net in self.networks() for p in net.parameters()]
 
 
-def make_mask(run: Run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
-    """Steps 1-6 of the heated phase for a batch: the policy's Beta parameters (eq. 2, 10-11), the next dataset-level
-    parameters (eq. 12-13, averaged over ranks, *not yet committed*), the sampled mask (eq. 4) upsampled and blurred
-    (Fig. 4), and logP (eq. 7).   x (B, 3, H, W) -> M_in (B, 1, H, W), logP (B, G*G) or None, (alpha_d', beta_d')"""
-    cfg, b = run.cfg, x.shape[0]
+@dataclass
+class StepState:
+    """What a training step changes besides the weights and optimiser states: the dataset-level Beta parameters of
+    eq. 12-13 (log space, (1, G*G) float32, identical on every rank; None without a policy) and the skipped steps."""
+    alpha_d: torch.Tensor | None = None
+    beta_d: torch.Tensor | None = None
+    bad_in_a_row: int = 0      # non-finite steps since the last good one
+    bad_total: int = 0         # non-finite steps in the whole run
+    amp_skipped: int = 0       # fp16 overflows that GradScaler skipped (expected now and then; it lowers its scale)
+
+
+class Forward(NamedTuple):
+    """A training forward pass: the objective, the batch-mean cross-entropy (detached), the mask fed to the
+    classifier (heated phase) and the dataset-level parameters this step would commit (eq. 12-13)."""
+    loss: torch.Tensor
+    ce: torch.Tensor
+    mask: torch.Tensor | None = None
+    next_d: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def make_mask(run: Run, state: StepState, x: torch.Tensor):
+    """Algorithm 1 up to 'sample the noise matrix', for a batch: the policy's Beta parameters (eq. 2), mixed with the
+    dataset-level ones of *before* this step (eq. 10-11); the next dataset-level parameters (eq. 12-13, batch mean over
+    all ranks, not committed here); the sampled mask (eq. 4) upsampled and blurred (Fig. 4); and logP (eq. 7).
+    Without a policy (Table 4 ablations) the mask is fixed noise and logP, next_d are None.
+    x (B, 3, H, W) -> M_in (B, 1, H, W), logP (B, G*G), (alpha_d', beta_d') (1, G*G) each"""
+    cfg, size = run.cfg, x.shape[-2:]
     if run.policy is None:
-        mask = sample_fixed_noise(cfg.noise, (b, cfg.grid * cfg.grid), x.device)
-        return upsample_blur(mask, x.shape[-2:], cfg.kernel, cfg.sigma), None, None
-    xp = x if cfg.policy_size is None else F.interpolate(x, size=cfg.policy_size, mode="bilinear", antialias=True)
+        noise = sample_fixed_noise(cfg.noise, (x.shape[0], cfg.grid * cfg.grid), x.device)
+        return upsample_blur(noise, size, cfg.kernel, cfg.sigma), None, None
+    x_policy = x if cfg.policy_size is None else F.interpolate(x, size=cfg.policy_size, mode="bilinear",
+                                                               antialias=True)
     with run.autocast():
-        a, bb = run.policy(xp)                                                     # (B, G*G) each
-    a, bb = a.float(), bb.float()
-    alpha_img = mix_image_params(run.alpha_d, a, cfg.tau_image)                   # eq. 10
-    beta_img = mix_image_params(run.beta_d, bb, cfg.tau_image)                    # eq. 11
-    means = all_reduce_mean(torch.cat([a.detach().mean(0, keepdim=True), bb.detach().mean(0, keepdim=True)]))
-    new_d = (ema_update(run.alpha_d, means[:1], cfg.tau_dataset),                 # eq. 12
-             ema_update(run.beta_d, means[1:], cfg.tau_dataset))                  # eq. 13
-    mask, logp = sample_beta_mask(alpha_img, beta_img)                             # eq. 4, 7
-    return upsample_blur(mask, x.shape[-2:], cfg.kernel, cfg.sigma), logp, new_d
+        a, b = run.policy(x_policy)                                                # eq. 2: (B, G*G) each
+    a, b = a.float(), b.float()
+    alpha_img = mix_image_params(state.alpha_d, a, cfg.tau_image)                 # eq. 10
+    beta_img = mix_image_params(state.beta_d, b, cfg.tau_image)                   # eq. 11
+    batch_mean = all_reduce_mean(torch.cat([a.detach().mean(0, keepdim=True), b.detach().mean(0, keepdim=True)]))
+    next_d = (ema_update(state.alpha_d, batch_mean[:1], cfg.tau_dataset),         # eq. 12
+              ema_update(state.beta_d, batch_mean[1:], cfg.tau_dataset))          # eq. 13
+    mask, logp = sample_beta_mask(alpha_img, beta_img)                            # eq. 4, 7
+    return upsample_blur(mask, size, cfg.kernel, cfg.sigma), logp, next_d         # Fig. 4
 
 
-def compute_loss(run: Run, x: torch.Tensor, y: torch.Tensor):
-    """Forward pass and objective of the run's phase. Returns (loss, aux): aux has the mask, logP and the uncommitted
-    dataset-level parameters for a heated step."""
+def compute_loss(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor) -> Forward:
+    """The forward pass and objective of the run's phase: heated = mask, classify the masked batch (eq. 5), eq. 8
+    (or our REINFORCE variant); finetune and baseline = plain cross-entropy."""
     cfg = run.cfg
-    aux: dict = {}
-    if run.heated:
-        m_in, logp, new_d = make_mask(run, x)
-        xm = x * m_in                                                              # eq. 5, mask over channels
-        if cfg.channels_last:
-            xm = xm.contiguous(memory_format=torch.channels_last)
-        aux.update(mask=m_in, new_d=new_d)
-        with run.autocast():
-            out = run.model(xm)
-        ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")  # (B,)
-        if logp is None:
-            loss = ce.mean()
-        elif cfg.objective == "paper":
-            loss = paper_objective(logp, ce.mean())                                 # eq. 8
-        else:
-            loss = reinforce_objective(logp, ce)
-        aux["ce"] = ce.detach().mean()
-    else:
+    if not run.heated:
         with run.autocast():
             out = run.model(x)
         loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-        aux["ce"] = loss.detach()
-    return loss, aux
-
-
-def _grad_norm(params, max_norm: float | None) -> torch.Tensor:
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if max_norm is not None:
-        return nn.utils.clip_grad_norm_(grads, max_norm)
-    if hasattr(nn.utils, "get_total_norm"):
-        return nn.utils.get_total_norm([p.grad for p in grads])
-    return nn.utils.clip_grad_norm_(grads, float("inf"))
-
-
-def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
-    """One optimisation step of both networks. A step whose loss or gradients are not finite on any rank is skipped
-    on every rank (weights, optimiser state and alpha_d/beta_d untouched) and counted."""
-    opts = [o for o in (run.optimizer, run.pol_optimizer) if o is not None]
-    loss, aux = compute_loss(run, x, y)
-    for o in opts:
-        o.zero_grad(set_to_none=True)
-    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-    if run.scaler is not None:
-        for o in opts:
-            run.scaler.unscale_(o)
-    if run.cfg.clip_grad_norm is not None:            # each network clipped on its own, as the authors
-        nets = [run.model_raw] + ([run.policy_raw] if run.policy_raw is not None else [])
-        norm = torch.stack([_grad_norm(n.parameters(), run.cfg.clip_grad_norm).float() for n in nets]).sum()
-    else:                                             # one fused norm over both networks: finite or not
-        norm = _grad_norm(run.parameters(), None)
-    grads_ok = torch.isfinite(norm)
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (~grads_ok).float(),
-                         torch.tensor(float(run.signal_received), device=loss.device)])
-    loss_bad, grad_bad, stop = (all_reduce_sum(flags) > 0).tolist()                  # one sync per step
-    run.stop_requested = bool(stop)
-    ok = not loss_bad and not grad_bad
-    if ok:
-        for o in opts:
-            (run.scaler.step(o) if run.scaler is not None else o.step())
-        if aux.get("new_d") is not None:
-            run.alpha_d, run.beta_d = aux["new_d"]
-        run.bad_in_a_row = 0
-    elif run.scaler is not None and not loss_bad:
-        run.amp_skipped += 1          # fp16 overflow: GradScaler lowers its scale; expected early in a run
+        return Forward(loss, loss.detach())
+    m_in, logp, next_d = make_mask(run, state, x)
+    x_masked = x * m_in                                                            # eq. 5, mask over channels
+    if cfg.channels_last:
+        x_masked = x_masked.contiguous(memory_format=torch.channels_last)
+    with run.autocast():
+        out = run.model(x_masked)
+    ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")   # (B,)
+    if logp is None:
+        loss = ce.mean()
+    elif cfg.objective == "paper":
+        loss = paper_objective(logp, ce.mean())                                    # eq. 8
     else:
-        run.bad_in_a_row += 1
-        run.bad_total += 1
+        loss = reinforce_objective(logp, ce)
+    return Forward(loss, ce.detach().mean(), m_in, next_d)
+
+
+def grad_norm(run: Run) -> torch.Tensor:
+    """Total gradient norm of both networks, each clipped to --clip-grad-norm when given (as the authors), else one
+    fused norm. Its finiteness decides whether the step is taken."""
+    nets = run.networks()
+    if run.cfg.clip_grad_norm is not None:
+        norms = [nn.utils.clip_grad_norm_([p for p in n.parameters() if p.grad is not None], run.cfg.clip_grad_norm)
+                 for n in nets]
+        return torch.stack([n.float() for n in norms]).sum()
+    grads = [p.grad for n in nets for p in n.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=run.info.device)
+    if hasattr(nn.utils, "get_total_norm"):
+        return nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def snapshot_buffers(nets: Sequence[nn.Module]) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """A copy of every buffer (BatchNorm running statistics and counts: a forward pass in training mode updates them),
+    so that a skipped step can put them back. One multi-tensor copy per dtype."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for net in nets:
+        for b in net.buffers():
+            groups.setdefault(b.dtype, []).append(b)
+    return [(bufs, torch._foreach_mul(bufs, 1)) for bufs in groups.values()]   # x * 1 keeps -0.0 and NaN bits
+
+
+def restore_buffers(snapshot: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> None:
+    for bufs, saved in snapshot:
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(bufs, saved)
+        else:
+            for b, s in zip(bufs, saved):
+                b.copy_(s)
+
+
+def any_rank(flags: Sequence, device: torch.device) -> list[bool]:
+    """Each flag (a bool or a 0-d tensor) OR-ed over all ranks: one all-reduce, one device sync."""
+    t = torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags])
+    return (all_reduce_sum(t) > 0).tolist()
+
+
+def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
+               stop_pending: bool = False) -> tuple[Forward, bool, bool]:
+    """One optimisation step of both networks: Algorithm 1's loop body. Returns (forward, taken, stop).
+
+    A step whose loss or gradients are not finite on any rank is skipped on every rank: weights, optimiser states,
+    BatchNorm statistics and alpha_d/beta_d stay as they were, and the step is counted. The same all-reduce carries
+    `stop_pending` (a pre-emption signal on this rank), so all ranks agree to stop after the same step."""
+    buffers = snapshot_buffers(run.networks())
+    fwd = compute_loss(run, state, x, y)
+    for opt in run.optimizers():
+        opt.zero_grad(set_to_none=True)
+    (run.scaler.scale(fwd.loss) if run.scaler is not None else fwd.loss).backward()
+    if run.scaler is not None:
+        for opt in run.optimizers():
+            run.scaler.unscale_(opt)
+    norm = grad_norm(run)
+    loss_bad, grad_bad, stop = any_rank([~torch.isfinite(fwd.loss.detach()), ~torch.isfinite(norm), stop_pending],
+                                        run.info.device)
+    taken = not (loss_bad or grad_bad)
+    if taken:
+        for opt in run.optimizers():
+            run.scaler.step(opt) if run.scaler is not None else opt.step()
+        if fwd.next_d is not None:
+            state.alpha_d, state.beta_d = fwd.next_d                                 # eq. 12-13, committed
+        state.bad_in_a_row = 0
+    else:
+        restore_buffers(buffers)
+        if run.scaler is not None and not loss_bad:
+            state.amp_skipped += 1
+        else:
+            state.bad_in_a_row += 1
+            state.bad_total += 1
     if run.scaler is not None:
         run.scaler.update()
-    return loss.detach(), aux, ok
+    return fwd, taken, stop
 
 
 class TrainingStopped(Exception):
-    """Too many non-finite steps in a row, or a requested stop (SIGTERM/SIGUSR1)."""
+    """Too many non-finite steps in a row, or a requested stop (SIGTERM/SIGUSR1): the CLI exits with code 3."""
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1 (scancel, a SLURM time limit or its --signal warning) set `signalled` at any moment; the
+    training loop hands it to the next step's all-reduce, so every rank stops after the same step, checkpoints and
+    exits with code 3."""
+
+    def __init__(self):
+        self.signalled = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        import signal
+        for name in ("SIGTERM", "SIGUSR1"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self._old[sig] = signal.signal(sig, self._handler)
+                except ValueError:          # not the main thread (a notebook worker, say): no handler
+                    pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.signalled = True
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -1446,9 +1519,11 @@ def _memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def train_one_epoch(run: Run, loader, epoch: int, start_step: int, log, on_step=None) -> dict:
-    """Train for one (possibly resumed) epoch. Logs a progress line every print_freq steps; calls on_step(step) after
-    each step (mid-epoch checkpoints). Returns the epoch's mean loss and counters."""
+def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: int, log, on_step=None,
+                    preemption: Preemption | None = None) -> dict:
+    """Train for one (possibly resumed) epoch. Logs a progress line every print_freq steps; calls
+    on_step(step, loss_sum, n_ok, stop) after each step (mid-epoch checkpoints). Returns the epoch's loss sum,
+    step count and the last batch with its masks."""
     cfg, dev = run.cfg, run.info.device
     run.model.train()
     if run.policy is not None:
@@ -1458,7 +1533,6 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int, log, on_step=
     t_epoch = t_last = time.perf_counter()
     data_time, seen = 0.0, 0
     last_batch = None
-    step = start_step
     for step, (x, y) in enumerate(loader, start=start_step):
         data_time += time.perf_counter() - t_last
         if x.shape[0] == 0:           # every image of the batch was unreadable (--skip-bad-images)
@@ -1475,37 +1549,38 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int, log, on_step=
                 x, y = run.mixup(x, y)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, aux, ok = train_step(run, x, y)
-        if ok:
-            loss_sum += loss
+        fwd, taken, stop = train_step(run, state, x, y, preemption is not None and preemption.signalled)
+        if taken:
+            loss_sum += fwd.loss.detach()
             n_ok += 1
         else:
-            log(f"warning: non-finite step skipped (epoch {epoch} step {step}; {run.bad_in_a_row} in a row, "
-                f"{run.bad_total} in total)" if run.bad_in_a_row else
+            log(f"warning: non-finite step skipped (epoch {epoch} step {step}; {state.bad_in_a_row} in a row, "
+                f"{state.bad_total} in total)" if state.bad_in_a_row else
                 f"note: fp16 overflow, step skipped by GradScaler (epoch {epoch} step {step})")
         seen += x.shape[0]
-        if cfg.save_masks and "mask" in aux:
-            last_batch = (x[:8].detach().float().cpu(), aux["mask"][:8].detach().float().cpu())
+        if cfg.save_masks and fwd.mask is not None:
+            last_batch = (x[:8].detach().float().cpu(), fwd.mask[:8].detach().float().cpu())
         if (step + 1) % cfg.print_freq == 0 or step + 1 == total:
             el = time.perf_counter() - t_epoch
             done = step + 1 - start_step
             eta = datetime.timedelta(seconds=int(el / max(done, 1) * (total - step - 1)))
             parts = [f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{total}",
-                     f"loss {loss.item():.4f}", f"lr {run.optimizer.param_groups[0]['lr']:.5g}",
+                     f"loss {fwd.loss.item():.4f}", f"lr {run.optimizer.param_groups[0]['lr']:.5g}",
                      f"img/s {seen * run.info.world / max(el, 1e-9):.1f}", f"data {data_time / max(done, 1):.4f}s",
                      f"eta {eta}"]
-            if "mask" in aux:
-                parts.append(f"mask {aux['mask'].mean().item():.3f}")
-            if run.alpha_d is not None:
-                parts.append(f"alpha_d {run.alpha_d.mean().item():.3f} beta_d {run.beta_d.mean().item():.3f}")
+            if fwd.mask is not None:
+                parts.append(f"mask {fwd.mask.mean().item():.3f}")
+            if state.alpha_d is not None:
+                parts.append(f"alpha_d {state.alpha_d.mean().item():.3f} beta_d {state.beta_d.mean().item():.3f}")
             parts.append(f"mem {_memory_mb(dev):.0f}MB")
             log("  ".join(parts))
         if on_step is not None:
-            on_step(step + 1, loss_sum, n_ok)
-        if run.bad_in_a_row >= cfg.max_bad_steps:
-            raise TrainingStopped(f"{run.bad_in_a_row} non-finite steps in a row (epoch {epoch + 1}, step {step + 1}); "
-                                  f"lower --lr, add --clip-grad-norm, or drop --amp; the last good checkpoint is kept")
-        if run.stop_requested:
+            on_step(step + 1, loss_sum, n_ok, stop)
+        if state.bad_in_a_row >= cfg.max_bad_steps:
+            raise TrainingStopped(f"{state.bad_in_a_row} non-finite steps in a row (epoch {epoch + 1}, step "
+                                  f"{step + 1}); lower --lr, add --clip-grad-norm, or drop --amp; the last good "
+                                  f"checkpoint is kept")
+        if stop:
             raise TrainingStopped("stop requested by signal")
         t_last = time.perf_counter()
     return {"loss_sum": loss_sum, "n_ok": n_ok, "last_batch": last_batch, "seconds": time.perf_counter() - t_epoch}
@@ -1513,7 +1588,8 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int, log, on_step=
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, autocast, transform_input=None) -> tuple[torch.Tensor, ...]:
-    """Softmax probabilities and labels of a loader's samples, gathered from all ranks in data set order."""
+    """Softmax probabilities and labels of a loader's samples, gathered from all ranks (rank by rank: the metrics do
+    not depend on the order)."""
     model.eval()
     probs, targets = [], []
     for x, y in loader:
@@ -1528,14 +1604,10 @@ def predict(model: nn.Module, loader, device: torch.device, autocast, transform_
     c = unwrap(model).fc.out_features
     p = torch.cat(probs) if probs else torch.zeros(0, c, device=device)
     t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=device)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    p, t = all_gather_cat(p), all_gather_cat(t)
-    if world > 1 and p.shape[0] == len(loader.dataset):   # back to data set order (metrics do not need it)
-        p, t = interleave_ranks(p, world), interleave_ranks(t, world)
-    return p.cpu(), t.cpu()
+    return all_gather_cat(p).cpu(), all_gather_cat(t).cpu()
 
 
-def evaluate(run: Run, loader, epoch: int, noisy: bool = False) -> dict:
+def evaluate(run: Run, state: StepState, loader, epoch: int, noisy: bool = False) -> dict:
     """Metrics on a split. noisy=True masks each image with its own sample from the dataset-level noise model,
     Beta(exp alpha_d, exp beta_d) for the learned policy (the paper's Table 1 'Noisy' input); the masks are drawn
     from a generator seeded by (seed, epoch) so training's random stream is untouched."""
@@ -1545,8 +1617,8 @@ def evaluate(run: Run, loader, epoch: int, noisy: bool = False) -> dict:
     else:
         def mask_input(x):
             b = x.shape[0]
-            if run.alpha_d is not None:
-                m, _ = sample_beta_mask(run.alpha_d.expand(b, -1), run.beta_d.expand(b, -1))
+            if state.alpha_d is not None:
+                m, _ = sample_beta_mask(state.alpha_d.expand(b, -1), state.beta_d.expand(b, -1))
             else:
                 m = sample_fixed_noise(cfg.noise, (b, cfg.grid * cfg.grid), x.device)
             return x * upsample_blur(m, x.shape[-2:], cfg.kernel, cfg.sigma)
@@ -1597,7 +1669,7 @@ def build_schedulers(cfg: Config, optimizer, pol_optimizer):
     return main_s, pol_s
 
 
-def make_checkpoint(run: Run, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> dict:
+def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> dict:
     """The checkpoint.pth payload: the authors' key names, plain types only (torch.load(weights_only=True) works).
     epoch/step: the epoch being trained and how many of its steps are done (step == steps_per_epoch: complete)."""
     rngs = [rng_state()]
@@ -1606,9 +1678,9 @@ def make_checkpoint(run: Run, epoch: int, step: int, steps_per_epoch: int, meter
         dist.all_gather_object(rngs, rng_state())
     return {
         "model": run.model_raw.state_dict(),
-        "policy_net": run.policy_raw.state_dict() if run.policy_raw is not None else None,
-        "base_alpha": run.alpha_d.detach().cpu() if run.alpha_d is not None else None,
-        "base_beta": run.beta_d.detach().cpu() if run.beta_d is not None else None,
+        "policy_net": run.policy_raw.state_dict() if run.policy is not None else None,
+        "base_alpha": state.alpha_d.detach().cpu() if state.alpha_d is not None else None,
+        "base_beta": state.beta_d.detach().cpu() if state.beta_d is not None else None,
         "optimizer": run.optimizer.state_dict(),
         "pol_optimizer": run.pol_optimizer.state_dict() if run.pol_optimizer is not None else None,
         "main_lr_scheduler": run.scheduler.state_dict(),
@@ -1619,14 +1691,14 @@ def make_checkpoint(run: Run, epoch: int, step: int, steps_per_epoch: int, meter
         "steps_per_epoch": steps_per_epoch,
         "world_size": run.info.world,
         "meter": {"loss_sum": float(meter["loss_sum"]), "n_ok": int(meter["n_ok"])},
-        "counters": {"bad_total": run.bad_total, "amp_skipped": run.amp_skipped},
+        "counters": {"bad_total": state.bad_total, "amp_skipped": state.amp_skipped},
         "args": dataclasses.asdict(run.cfg),
         "rng": rngs,
         "pgnm_version": file_hash(),
     }
 
 
-def restore_checkpoint(run: Run, ckpt: dict, source: str) -> None:
+def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> None:
     """Put every saved state back: both networks, alpha_d/beta_d, optimisers, schedulers, scaler, RNGs."""
     saved, cfg = ckpt.get("args") or {}, run.cfg
     for key in ("phase", "model", "policy_model", "grid", "noise"):
@@ -1635,14 +1707,14 @@ def restore_checkpoint(run: Run, ckpt: dict, source: str) -> None:
                             f"{getattr(cfg, key)}: use the same flags or another --output-dir")
     try:
         run.model_raw.load_state_dict(strip_prefixes(ckpt["model"]))
-        if run.policy_raw is not None:
+        if run.policy is not None:
             run.policy_raw.load_state_dict(strip_prefixes(ckpt["policy_net"]))
     except (RuntimeError, KeyError, TypeError) as e:
         raise UserError(f"{source} does not match this run's networks ({str(e).splitlines()[0][:160]}); "
                         f"use the same --model/--grid or another --output-dir") from None
     dev = run.info.device
-    if run.alpha_d is not None:
-        run.alpha_d, run.beta_d = ckpt["base_alpha"].to(dev), ckpt["base_beta"].to(dev)
+    if state.alpha_d is not None:
+        state.alpha_d, state.beta_d = ckpt["base_alpha"].to(dev), ckpt["base_beta"].to(dev)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["main_lr_scheduler"])
     if run.pol_optimizer is not None:
@@ -1651,12 +1723,12 @@ def restore_checkpoint(run: Run, ckpt: dict, source: str) -> None:
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
     counters = ckpt.get("counters") or {}
-    run.bad_total, run.amp_skipped = counters.get("bad_total", 0), counters.get("amp_skipped", 0)
+    state.bad_total, state.amp_skipped = counters.get("bad_total", 0), counters.get("amp_skipped", 0)
     rngs = ckpt.get("rng") or []
     if len(rngs) == run.info.world:
         set_rng_state(rngs[run.info.rank])
     else:
-        torch.manual_seed(cfg.seed + 7919 * run.info.rank + 1)
+        torch.manual_seed(rank_seed(cfg.seed, run.info.rank) + 1)
 
 
 def _append_jsonl(path: str, record: dict) -> None:
@@ -1687,109 +1759,114 @@ def default_finetune_path(output_dir: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(output_dir)), "heated", "model_heated.pth")
 
 
-def _install_stop_handlers(run: Run):
-    """SIGTERM / SIGUSR1 (SLURM's pre-emption warning): finish the step, checkpoint, exit. Returns a restore fn."""
-    import signal
-    old = {}
-
-    def handler(signum, frame):
-        run.signal_received = True
-
-    for name in ("SIGTERM", "SIGUSR1"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            try:
-                old[sig] = signal.signal(sig, handler)
-            except ValueError:      # not the main thread (e.g. called from a notebook worker)
-                pass
-
-    def restore():
-        for sig, h in old.items():
-            signal.signal(sig, h)
-    return restore
+RANK_SEED_STRIDE = 7919   # a prime: rank r seeds its generators with seed + 7919 r, so no two ranks share a stream
 
 
-def main(cfg: Config) -> dict:
-    """Run one phase end to end and return its final metrics ({'val_*', 'test_*', ...}). Raises UserError on bad
-    input and TrainingStopped when training cannot go on; a checkpoint is kept either way."""
-    validate_config(cfg)
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    info = setup_distributed(cfg.device)
-    try:
-        return _main(cfg, info)
-    finally:
-        if owns_group:
-            cleanup_distributed()
+def rank_seed(seed: int, rank: int) -> int:
+    return seed + RANK_SEED_STRIDE * rank
 
 
-def _main(cfg: Config, info: DistInfo) -> dict:
-    log = (lambda *a, **k: print(*a, **k, flush=True)) if info.is_main else (lambda *a, **k: None)
-    out_dir = cfg.output_dir or os.path.join("runs", cfg.phase)
-    cfg = dataclasses.replace(cfg, output_dir=out_dir)
-    dev = info.device
+@dataclass
+class Data:
+    """The data of a phase: class names, the training set with its resumable sampler and loader, and the evaluation
+    loaders ('val', and 'test' when the data has a test split)."""
+    classes: list[str]
+    num_classes: int
+    train: AugmentedDataset
+    sampler: TrainSampler
+    train_loader: torch.utils.data.DataLoader
+    eval_loaders: dict
+    sizes: dict
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+
+@dataclass
+class Progress:
+    """Where training (re)starts: the epoch, the steps of it already done and their loss meter."""
+    epoch: int = 0
+    step: int = 0
+    meter: dict = field(default_factory=lambda: {"loss_sum": 0.0, "n_ok": 0})
+
+
+def configure_runtime(cfg: Config, info: DistInfo, log) -> None:
+    """Determinism or cuDNN autotuning, the CPU allocator, and every rank's seeds."""
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif dev.type == "cuda":
+    elif info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if dev.type == "cpu" and not cfg.no_malloc_tuning:
+    if info.device.type == "cpu" and not cfg.no_malloc_tuning:
         tune_cpu_allocator(log)
-    torch.manual_seed(cfg.seed + 7919 * info.rank)
-    np.random.seed((cfg.seed + 7919 * info.rank) % 2 ** 32)
-    random.seed(cfg.seed + 7919 * info.rank)
+    seed = rank_seed(cfg.seed, info.rank)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
 
-    # --- data ---------------------------------------------------------------------------------------------------------
+
+def build_data(cfg: Config, info: DistInfo) -> Data:
+    """Data sets, the training sampler (resumable, split over ranks) and the loaders."""
     data = build_datasets(cfg)
-    classes = data["classes"]
-    num_classes = cfg.num_classes or len(classes)
+    num_classes = cfg.num_classes or len(data["classes"])
     for split in ("train", "val", "test"):
         ds = data.get(split)
         if ds is not None and ds.targets and max(ds.targets) >= num_classes:
             raise UserError(f"{split} has label {max(ds.targets)} but the classifier has {num_classes} outputs: "
                             f"fix --num-classes or the labels")
-    train_ds = data["train"]
-    if len(train_ds) // info.world < cfg.batch_size:
-        raise UserError(f"the training split has {len(train_ds)} images, fewer than one batch of {cfg.batch_size} "
+    train = data["train"]
+    if len(train) // info.world < cfg.batch_size:
+        raise UserError(f"the training split has {len(train)} images, fewer than one batch of {cfg.batch_size} "
                         f"per process: lower --batch-size")
-    sampler = TrainSampler(len(train_ds), cfg.batch_size, info.rank, info.world, cfg.seed)
-    pin = dev.type == "cuda"
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=pin, persistent_workers=cfg.workers > 0,
+    sampler = TrainSampler(len(train), cfg.batch_size, info.rank, info.world, cfg.seed)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
                      collate_fn=collate_skip_none if cfg.skip_bad_images else None,
                      generator=torch.Generator())  # own generator: building an iterator must not draw from torch's
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                                               drop_last=True, **loader_kw)
+    train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                               persistent_workers=cfg.workers > 0, **loader_kw)
     eval_loaders = {s: torch.utils.data.DataLoader(data[s], batch_size=cfg.batch_size,
                                                    sampler=EvalSampler(len(data[s]), info.rank, info.world),
-                                                   **{**loader_kw, "persistent_workers": s == "val" and cfg.workers > 0})
+                                                   persistent_workers=s == "val" and cfg.workers > 0, **loader_kw)
                     for s in ("val", "test") if data.get(s) is not None}
-    steps_per_epoch = sampler.batches_per_epoch
+    sizes = {s: len(data[s]) for s in ("train", "val", "test") if data.get(s) is not None}
+    return Data(data["classes"], num_classes, train, sampler, train_loader, eval_loaders, sizes)
 
-    # --- networks, optimisers ---------------------------------------------------------------------------------------
+
+def find_checkpoint(cfg: Config, log) -> tuple[dict | None, str | None]:
+    """The checkpoint to resume from: --resume PATH, or with --resume auto the output directory's (None if none)."""
+    if not cfg.resume:
+        return None, None
+    if cfg.resume == "auto":
+        ckpt, path = load_checkpoint_with_fallback(cfg.output_dir, log)
+        if ckpt is None:
+            log(f"resume auto: no checkpoint in {cfg.output_dir}; starting from scratch")
+        return ckpt, path
+    if not os.path.isfile(cfg.resume):
+        raise UserError(f"--resume {cfg.resume} does not exist (use --resume auto to continue the output dir)")
+    try:
+        return safe_load(cfg.resume), cfg.resume
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--resume {cfg.resume} is unreadable ({type(e).__name__}); "
+                        f"try {os.path.join(os.path.dirname(cfg.resume), CHECKPOINT_PREV)}") from None
+
+
+def build_run(cfg: Config, info: DistInfo, num_classes: int, resuming: bool, log) -> tuple[Run, StepState]:
+    """The networks (initial classifier weights from --finetune, or the heated model for phase finetune), SyncBN,
+    device and memory format, SGD optimisers (policy lr = lr * policy_lr_ratio), schedulers, GradScaler, MixUp,
+    and alpha_d, beta_d ~ U[0, 1) (the authors' code) from a generator that is the same on every rank."""
+    dev = info.device
     model = build_model(cfg.model, num_classes)
     policy = PolicyNet(cfg.grid, cfg.policy_model) if cfg.phase == "heated" and cfg.noise == "beta" else None
-    ckpt, ckpt_path = None, None
-    if cfg.resume:
-        if cfg.resume == "auto":
-            ckpt, ckpt_path = load_checkpoint_with_fallback(out_dir, log)
-            if ckpt is None:
-                log(f"resume auto: no checkpoint in {out_dir}; starting from scratch")
-        else:
-            if not os.path.isfile(cfg.resume):
-                raise UserError(f"--resume {cfg.resume} does not exist (use --resume auto to continue the output dir)")
-            try:
-                ckpt, ckpt_path = safe_load(cfg.resume), cfg.resume
-            except Exception as e:  # noqa: BLE001
-                raise UserError(f"--resume {cfg.resume} is unreadable ({type(e).__name__}); "
-                                f"try {os.path.join(os.path.dirname(cfg.resume), CHECKPOINT_PREV)}") from None
     init_from = cfg.finetune
-    if init_from is None and cfg.phase == "finetune" and ckpt is None:
-        init_from = default_finetune_path(out_dir)
+    if init_from is None and cfg.phase == "finetune" and not resuming:
+        init_from = default_finetune_path(cfg.output_dir)
         if not os.path.isfile(init_from):
             raise UserError(f"no heated model at {init_from}: run `python pgnm.py --phase heated` first "
                             f"(with the same --data-path), or pass --finetune PATH")
-    if init_from and ckpt is None:
+    if init_from and not resuming:
         load_into_classifier(model, load_classifier_weights(init_from), init_from, cfg.model, log)
         log(f"initialised the classifier from {init_from}")
     if cfg.sync_bn and info.distributed and dev.type != "cuda":
@@ -1804,122 +1881,178 @@ def _main(cfg: Config, info: DistInfo) -> dict:
     pol_optimizer = (torch.optim.SGD(policy.parameters(), lr=cfg.lr * cfg.policy_lr_ratio, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay) if policy is not None else None)
     scheduler, pol_scheduler = build_schedulers(cfg, optimizer, pol_optimizer)
-    use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "float16"
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    g = cfg.grid * cfg.grid
-    init_gen = torch.Generator().manual_seed(cfg.seed)            # same alpha_d/beta_d on every rank
-    alpha_d = torch.rand((1, g), generator=init_gen).to(dev) if policy is not None else None
-    beta_d = torch.rand((1, g), generator=init_gen).to(dev) if policy is not None else None
-    run = Run(cfg, info, model, model, optimizer, scheduler, policy, policy, pol_optimizer, pol_scheduler,
-              alpha_d, beta_d, scaler, build_mixup(cfg, num_classes))
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "float16" else None
+    run = Run(cfg, info, model, optimizer, scheduler, policy=policy, pol_optimizer=pol_optimizer,
+              pol_scheduler=pol_scheduler, scaler=scaler, mixup=build_mixup(cfg, num_classes))
+    state = StepState()
+    if policy is not None:
+        g = torch.Generator().manual_seed(cfg.seed)
+        state.alpha_d = torch.rand((1, cfg.grid ** 2), generator=g).to(dev)
+        state.beta_d = torch.rand((1, cfg.grid ** 2), generator=g).to(dev)
+    return run, state
 
-    start_epoch, start_step, meter0 = 0, 0, {"loss_sum": 0.0, "n_ok": 0}
-    if ckpt is not None:
-        restore_checkpoint(run, ckpt, ckpt_path)
-        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
-        if start_step >= int(ckpt.get("steps_per_epoch", steps_per_epoch)):
-            start_epoch, start_step = start_epoch + 1, 0
-        elif ckpt.get("steps_per_epoch") != steps_per_epoch:
-            raise UserError(f"{ckpt_path} was written mid-epoch with {ckpt.get('steps_per_epoch')} steps per epoch, "
-                            f"this run has {steps_per_epoch}: resume with the same number of processes and "
-                            f"--batch-size")
-        else:
-            meter0 = ckpt.get("meter") or meter0
-        log(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, step {start_step}")
-        if info.is_main:
-            _trim_log(os.path.join(out_dir, "log.jsonl"), start_epoch)
 
-    # --- wrappers: DDP (after SyncBN), compile; the raw modules stay in run.*_raw -----------------------------------
-    if info.distributed:
-        ids = [dev.index] if dev.type == "cuda" else None
+def restore_run(run: Run, state: StepState, ckpt: dict, ckpt_path: str, steps_per_epoch: int, log) -> Progress:
+    """Restore every state from a checkpoint and say where training continues."""
+    restore_checkpoint(run, state, ckpt, ckpt_path)
+    start = Progress(int(ckpt["epoch"]), int(ckpt["step"]))
+    if start.step >= int(ckpt.get("steps_per_epoch", steps_per_epoch)):
+        start = Progress(start.epoch + 1, 0)
+    elif ckpt.get("steps_per_epoch") != steps_per_epoch:
+        raise UserError(f"{ckpt_path} was written mid-epoch with {ckpt.get('steps_per_epoch')} steps per epoch, "
+                        f"this run has {steps_per_epoch}: resume with the same number of processes and --batch-size")
+    else:
+        start.meter = ckpt.get("meter") or start.meter
+    log(f"resumed from {ckpt_path}: epoch {start.epoch + 1}, step {start.step}")
+    if run.info.is_main:
+        _trim_log(os.path.join(run.cfg.output_dir, "log.jsonl"), start.epoch)
+    return start
+
+
+def wrap_for_training(run: Run) -> None:
+    """DDP (after SyncBN, before compile) and torch.compile around the networks; run.*_raw stay the modules."""
+    if run.info.distributed:
+        ids = [run.info.device.index] if run.info.device.type == "cuda" else None
         run.model = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
-        if policy is not None:
+        if run.policy is not None:
             run.policy = nn.parallel.DistributedDataParallel(run.policy, device_ids=ids)
-    if cfg.compile:
+    if run.cfg.compile:
         run.model = torch.compile(run.model)
         run.policy = torch.compile(run.policy) if run.policy is not None else None
 
-    # --- the log header: what runs, where, with which code ----------------------------------------------------------
-    if info.is_main:
-        os.makedirs(out_dir, exist_ok=True)
+
+def log_header(cfg: Config, info: DistInfo, data: Data, log) -> None:
+    """What runs, where, with which code and data."""
+    dev = info.device
     log(f"pgnm {file_hash()} | python {sys.version.split()[0]} torch {torch.__version__} | device {dev}"
         f"{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''} | world size {info.world}")
-    log(f"data: {cfg.data_path or 'built-in synthetic scans'} | {len(classes)} classes | train {len(train_ds)} "
-        + " ".join(f"{s} {len(data[s])}" for s in ('val', 'test') if data.get(s) is not None)
-        + f" | {steps_per_epoch} steps/epoch, effective batch {cfg.batch_size * info.world}")
+    log(f"data: {cfg.data_path or 'built-in synthetic scans'} | {len(data.classes)} classes | "
+        + " ".join(f"{s} {n}" for s, n in data.sizes.items())
+        + f" | {data.steps_per_epoch} steps/epoch, effective batch {cfg.batch_size * info.world}")
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
 
+
+def save_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> None:
+    """Every rank builds the payload (the RNG states are gathered); rank 0 writes it, keeping the previous one."""
+    payload = make_checkpoint(run, state, epoch, step, steps_per_epoch, meter)
+    if run.info.is_main:
+        out = run.cfg.output_dir
+        atomic_save(payload, os.path.join(out, CHECKPOINT), os.path.join(out, CHECKPOINT_PREV))
+
+
+def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict, meter: dict,
+                 bad_images: int | None) -> dict:
+    """The epoch's log.jsonl line: training loss and counters, then clean (and, heated, noisy) validation metrics."""
+    n_ok = meter["n_ok"] + stats["n_ok"]
+    train_loss = (meter["loss_sum"] + float(all_reduce_mean(stats["loss_sum"]))) / max(n_ok, 1)
+    rec = {"phase": run.cfg.phase, "epoch": epoch + 1, "train_loss": train_loss,
+           "lr": run.optimizer.param_groups[0]["lr"], "bad_steps": state.bad_total,
+           "amp_skipped_steps": state.amp_skipped, "epoch_seconds": round(stats["seconds"], 2)}
+    if bad_images is not None:
+        rec["skipped_images"] = bad_images
+    if state.alpha_d is not None:
+        rec.update(alpha_d_mean=float(state.alpha_d.mean()), beta_d_mean=float(state.beta_d.mean()))
+    val = data.eval_loaders["val"]
+    rec.update({f"val_{k}": v for k, v in evaluate(run, state, val, epoch).items()})
+    if run.heated:
+        rec.update({f"val_noisy_{k}": v for k, v in evaluate(run, state, val, epoch, True).items()})
+    return rec
+
+
+def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -> dict:
+    """The epoch loop: train (checkpointing every --save-every-steps and on a stop signal), average BatchNorm
+    statistics over ranks, step the schedulers, evaluate, log, checkpoint. Returns the last epoch's record."""
+    cfg, out_dir, spe = run.cfg, run.cfg.output_dir, data.steps_per_epoch
     log_path = os.path.join(out_dir, "log.jsonl")
-    restore_signals = _install_stop_handlers(run)
     last: dict = {}
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            step0 = start_step if epoch == start_epoch else 0
-            meter = dict(meter0) if epoch == start_epoch else {"loss_sum": 0.0, "n_ok": 0}
-            sampler.set_epoch(epoch, step0)
-            bad0 = train_ds.bad_count.value if train_ds.bad_count is not None else 0
+    with Preemption() as preemption:
+        for epoch in range(start.epoch, cfg.epochs):
+            step0 = start.step if epoch == start.epoch else 0
+            meter = dict(start.meter) if epoch == start.epoch else {"loss_sum": 0.0, "n_ok": 0}
+            data.sampler.set_epoch(epoch, step0)
+            bad0 = data.train.bad_count.value if data.train.bad_count is not None else 0
 
-            def on_step(step, loss_sum, n_ok, epoch=epoch, meter=meter):
-                due = cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < steps_per_epoch
-                if due or run.stop_requested:
+            def on_step(step, loss_sum, n_ok, stop, epoch=epoch, meter=meter):
+                if stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < spe):
                     acc = {"loss_sum": meter["loss_sum"] + float(loss_sum), "n_ok": meter["n_ok"] + n_ok}
-                    payload = make_checkpoint(run, epoch, step, steps_per_epoch, acc)
-                    if info.is_main:
-                        atomic_save(payload, os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, CHECKPOINT_PREV))
+                    save_checkpoint(run, state, epoch, step, spe, acc)
 
-            stats = train_one_epoch(run, train_loader, epoch, step0, log, on_step)
-            average_buffers(run.model_raw)
-            average_buffers(run.policy_raw)
+            stats = train_one_epoch(run, state, data.train_loader, epoch, step0, log, on_step, preemption)
+            for net in run.networks():
+                average_buffers(net)
             run.scheduler.step()
             if run.pol_scheduler is not None:
                 run.pol_scheduler.step()
-            n_ok = meter["n_ok"] + stats["n_ok"]
-            train_loss = (meter["loss_sum"] + float(all_reduce_mean(stats["loss_sum"]))) / max(n_ok, 1)
-            rec = {"phase": cfg.phase, "epoch": epoch + 1, "train_loss": train_loss,
-                   "lr": run.optimizer.param_groups[0]["lr"], "bad_steps": run.bad_total,
-                   "amp_skipped_steps": run.amp_skipped, "epoch_seconds": round(stats["seconds"], 2)}
-            if train_ds.bad_count is not None:
-                rec["skipped_images"] = train_ds.bad_count.value - bad0
-            if run.alpha_d is not None:
-                rec.update(alpha_d_mean=float(run.alpha_d.mean()), beta_d_mean=float(run.beta_d.mean()))
-            rec.update({f"val_{k}": v for k, v in evaluate(run, eval_loaders["val"], epoch).items()})
-            if run.heated:
-                rec.update({f"val_noisy_{k}": v for k, v in evaluate(run, eval_loaders["val"], epoch, True).items()})
-            log(f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} done: train_loss {train_loss:.4f}  "
+            bad_images = data.train.bad_count.value - bad0 if data.train.bad_count is not None else None
+            rec = epoch_record(run, state, data, epoch, stats, meter, bad_images)
+            log(f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} done: train_loss {rec['train_loss']:.4f}  "
                 + "  ".join(f"{k} {rec[k]:.4f}" for k in ("val_acc", "val_balanced_acc", "val_f1", "val_auroc",
                                                           "val_entropy", "val_noisy_acc", "val_noisy_balanced_acc")
                             if k in rec))
-            payload = make_checkpoint(run, epoch, steps_per_epoch, steps_per_epoch, {"loss_sum": 0.0, "n_ok": 0})
-            if info.is_main:
-                _append_jsonl(log_path, rec)
-                atomic_save(payload, os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, CHECKPOINT_PREV))
+            if run.info.is_main:       # the line first: a run killed before the checkpoint re-trains the epoch,
+                _append_jsonl(log_path, rec)                # and the resume trims the line again
+            save_checkpoint(run, state, epoch, spe, spe, {"loss_sum": 0.0, "n_ok": 0})
+            if run.info.is_main:
                 if cfg.save_masks and stats["last_batch"] is not None:
                     save_mask_figure(os.path.join(out_dir, f"masks_epoch{epoch + 1:03d}.png"), *stats["last_batch"],
                                      cfg.mean, cfg.std)
             last = rec
-    finally:
-        restore_signals()
+    return last
 
-    # --- the end: test split, classifier-only weights ---------------------------------------------------------------
-    final = {k: v for k, v in last.items() if k.startswith("val_")} if last else {}
-    if not last and ckpt is not None:
-        log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
-    if "test" in eval_loaders:
-        test = {f"test_{k}": v for k, v in evaluate(run, eval_loaders["test"], cfg.epochs).items()}
+
+def finish(run: Run, state: StepState, data: Data, last: dict, log) -> dict:
+    """The test split (clean and, heated, noisy), the final log line and the classifier-only weights."""
+    cfg, out_dir = run.cfg, run.cfg.output_dir
+    final = {k: v for k, v in last.items() if k.startswith("val_")}
+    if "test" in data.eval_loaders:
+        test_loader = data.eval_loaders["test"]
+        test = {f"test_{k}": v for k, v in evaluate(run, state, test_loader, cfg.epochs).items()}
         if run.heated:
-            test.update({f"test_noisy_{k}": v for k, v in evaluate(run, eval_loaders["test"], cfg.epochs, True).items()})
+            test.update({f"test_noisy_{k}": v for k, v in evaluate(run, state, test_loader, cfg.epochs, True).items()})
         final.update(test)
         log(f"[{cfg.phase}] test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()
                                                 if k in ("test_acc", "test_balanced_acc", "test_f1", "test_auroc",
                                                          "test_entropy", "test_noisy_acc")))
-    if info.is_main:
-        _append_jsonl(log_path, {"phase": cfg.phase, "epoch": cfg.epochs, "final": True,
-                                 **{k: v for k, v in final.items() if k.startswith("test_")}})
+    if run.info.is_main:
+        _append_jsonl(os.path.join(out_dir, "log.jsonl"), {"phase": cfg.phase, "epoch": cfg.epochs, "final": True,
+                                                           **{k: v for k, v in final.items() if k.startswith("test_")}})
         weights = os.path.join(out_dir, f"model_{cfg.phase}.pth")
         atomic_save(run.model_raw.state_dict(), weights)
         log(f"saved {weights} (classifier only; loads into timm/torchvision {cfg.model} with strict=True)")
     final["output_dir"] = out_dir
     return final
+
+
+def main(cfg: Config) -> dict:
+    """Run one phase end to end and return its final metrics ({'val_*', 'test_*', ...}). Raises UserError on bad
+    input and TrainingStopped when training cannot go on; a checkpoint is kept either way."""
+    validate_config(cfg)
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = setup_distributed(cfg.device)
+    try:
+        return run_phase(cfg, info)
+    finally:
+        if owns_group:
+            cleanup_distributed()
+
+
+def run_phase(cfg: Config, info: DistInfo) -> dict:
+    """One phase: data -> networks and optimisers -> restore -> train and evaluate every epoch -> test and save."""
+    log = (lambda *a, **k: print(*a, **k, flush=True)) if info.is_main else (lambda *a, **k: None)
+    cfg = dataclasses.replace(cfg, output_dir=cfg.output_dir or os.path.join("runs", cfg.phase))
+    configure_runtime(cfg, info, log)
+    data = build_data(cfg, info)
+    ckpt, ckpt_path = find_checkpoint(cfg, log)
+    run, state = build_run(cfg, info, data.num_classes, ckpt is not None, log)
+    start = restore_run(run, state, ckpt, ckpt_path, data.steps_per_epoch, log) if ckpt is not None else Progress()
+    wrap_for_training(run)
+    if info.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    log_header(cfg, info, data, log)
+    last = train_epochs(run, state, data, start, log)
+    if not last and ckpt is not None:
+        log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
+    return finish(run, state, data, last, log)
 
 
 # =====================================================================================================================
@@ -1969,14 +2102,14 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
     pol_opt = torch.optim.SGD(policy.parameters(), lr=1e-5, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "float16" else None
     hcfg = dataclasses.replace(cfg, phase="heated", noise="beta")
-    run = Run(hcfg, info, model, model, opt, None, policy, policy, pol_opt, None,
-              torch.rand(1, g * g, device=dev), torch.rand(1, g * g, device=dev), scaler)
+    run = Run(hcfg, info, model, opt, policy=policy, pol_optimizer=pol_opt, scaler=scaler)
+    state = StepState(torch.rand(1, g * g, device=dev), torch.rand(1, g * g, device=dev))
     if cfg.compile:
         run.model, run.policy = torch.compile(model), torch.compile(policy)
     x = torch.randn(b, 3, s, s, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (b,), device=dev)
-    x_masked = (x * make_mask(run, x)[0]).contiguous(memory_format=fmt)
-    base = [run.alpha_d.clone(), run.beta_d.clone()]
+    x_masked = (x * make_mask(run, state, x)[0]).contiguous(memory_format=fmt)
+    base = [state.alpha_d.clone(), state.beta_d.clone()]
 
     def classifier_step(inp):
         with run.autocast():
@@ -1994,7 +2127,8 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
     def policy_step():
         with run.autocast():
             a, bb = run.policy(x)
-        m, logp = sample_beta_mask(mix_image_params(run.alpha_d, a.float(), 0.9), mix_image_params(run.beta_d, bb.float(), 0.9))
+        m, logp = sample_beta_mask(mix_image_params(state.alpha_d, a.float(), 0.9),
+                                   mix_image_params(state.beta_d, bb.float(), 0.9))
         loss = torch.logsumexp(logp, 1).mean()
         pol_opt.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -2006,13 +2140,12 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
 
     def mask_only():
         with torch.no_grad():
-            a = run.alpha_d.expand(b, -1)
-            m, _ = sample_beta_mask(a, run.beta_d.expand(b, -1))
+            m, _ = sample_beta_mask(state.alpha_d.expand(b, -1), state.beta_d.expand(b, -1))
             upsample_blur(m, (s, s), cfg.kernel, cfg.sigma)
 
     variants = {
         "baseline": lambda: classifier_step(x),
-        "heated": lambda: train_step(run, x, y),
+        "heated": lambda: train_step(run, state, x, y),
         "classifier": lambda: classifier_step(x_masked),
         "policy": policy_step,
         "mask": mask_only,

@@ -67,18 +67,20 @@ def test_make_mask_uses_dataset_params_before_update_and_commits_only_on_a_good_
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     pol_opt = torch.optim.SGD(policy.parameters(), lr=0.0)
     a0, b0 = torch.rand(1, 64), torch.rand(1, 64)
-    run = pgnm.Run(cfg, pgnm.DistInfo(), model, model, opt, None, policy, policy, pol_opt, None, a0.clone(), b0.clone())
+    run = pgnm.Run(cfg, pgnm.DistInfo(), model, opt, policy=policy, pol_optimizer=pol_opt)
+    state = pgnm.StepState(a0.clone(), b0.clone())
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 24, (8,))
     policy.train()
     with torch.no_grad():
         a, b = policy(x)
-    m_in, logp, (new_a, new_b) = pgnm.make_mask(run, x)
+    m_in, logp, (new_a, new_b) = pgnm.make_mask(run, state, x)
     assert m_in.shape == (8, 1, 32, 32) and logp.shape == (8, 64)
     assert torch.allclose(new_a, 0.99 * a0 + 0.01 * a.mean(0, keepdim=True), atol=1e-5)
     assert torch.allclose(new_b, 0.99 * b0 + 0.01 * b.mean(0, keepdim=True), atol=1e-5)
-    assert torch.equal(run.alpha_d, a0)                  # not committed by make_mask
-    _, _, ok = pgnm.train_step(run, x, y)
-    assert ok and not torch.equal(run.alpha_d, a0)        # committed by a good step
+    assert torch.equal(state.alpha_d, a0)                # not committed by make_mask
+    fwd, ok, _ = pgnm.train_step(run, state, x, y)
+    assert ok and not torch.equal(state.alpha_d, a0)      # committed by a good step
+    assert torch.equal(state.alpha_d, fwd.next_d[0]) and torch.equal(state.beta_d, fwd.next_d[1])
 
 
 def test_beta_mask_matches_torch_beta_and_is_float32_under_autocast():
@@ -164,9 +166,9 @@ def test_objective_gradients_reach_both_networks():
     torch.manual_seed(0)
     policy, model = pgnm.PolicyNet(cfg.grid), pgnm.build_model("resnet10t", 24)
     opt, pol_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(policy.parameters(), lr=0.1)
-    run = pgnm.Run(cfg, pgnm.DistInfo(), model, model, opt, None, policy, policy, pol_opt, None,
-                   torch.rand(1, 64), torch.rand(1, 64))
-    loss, _ = pgnm.compute_loss(run, torch.randn(8, 3, 32, 32), torch.randint(0, 24, (8,)))
+    run = pgnm.Run(cfg, pgnm.DistInfo(), model, opt, policy=policy, pol_optimizer=pol_opt)
+    state = pgnm.StepState(torch.rand(1, 64), torch.rand(1, 64))
+    loss = pgnm.compute_loss(run, state, torch.randn(8, 3, 32, 32), torch.randint(0, 24, (8,))).loss
     loss.backward()
     for name, net in (("classifier", model), ("policy.fe", policy.fe), ("policy.alpha", policy.alpha),
                       ("policy.beta", policy.beta)):
@@ -650,9 +652,9 @@ def test_baseline_with_mixup_cutmix_and_autoaugment(tmp_path, monkeypatch):
     seen = []
     real = pgnm.train_step
 
-    def spy(run, x, y):
+    def spy(run, state, x, y, *a):
         seen.append(y)
-        return real(run, x, y)
+        return real(run, state, x, y, *a)
     monkeypatch.setattr(pgnm, "train_step", spy)
     res = pgnm.main(tiny("baseline", mixup_alpha=0.2, cutmix_alpha=1.0, auto_augment="ta_wide",
                          output_dir=str(tmp_path)))
@@ -812,9 +814,9 @@ def test_resume_restores_alpha_beta_instead_of_rerandomising(tmp_path):
     seen = {}
     real = pgnm.train_one_epoch
 
-    def spy(run, *a, **k):
-        seen.setdefault("alpha", run.alpha_d.clone())
-        return real(run, *a, **k)
+    def spy(run, state, *a, **k):
+        seen.setdefault("alpha", state.alpha_d.clone())
+        return real(run, state, *a, **k)
     pgnm.train_one_epoch = spy
     try:
         pgnm.main(tiny(output_dir=out, epochs=2, resume="auto"))
@@ -839,14 +841,14 @@ def test_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     before = {}
     real_step = pgnm.train_step
 
-    def spy(run, x, y):
+    def spy(run, state, x, y, *a):
         w = run.model_raw.conv1[0].weight.detach().clone()
-        a = run.alpha_d.clone()
-        loss, aux, ok = real_step(run, x, y)
+        alpha = state.alpha_d.clone()
+        fwd, ok, stop = real_step(run, state, x, y, *a)
         if not ok:
             before.setdefault("unchanged", []).append(torch.equal(w, run.model_raw.conv1[0].weight)
-                                                       and torch.equal(a, run.alpha_d))
-        return loss, aux, ok
+                                                       and torch.equal(alpha, state.alpha_d))
+        return fwd, ok, stop
     monkeypatch.setattr(pgnm, "train_step", spy)
     pgnm.main(tiny(output_dir=str(tmp_path)))
     assert before["unchanged"] == [True, True]                   # weights and alpha_d untouched by skipped steps
@@ -943,10 +945,7 @@ def test_sync_bn_checkpoint_loads_into_a_plain_model(tmp_path):
     assert list(converted.state_dict()) == list(plain.state_dict())
 
 
-def test_all_gather_and_interleave_restore_data_set_order():
-    t = torch.arange(7)
-    gathered = torch.cat([t[0::2], t[1::2]])                        # rank 0 then rank 1 (EvalSampler striding)
-    assert torch.equal(pgnm.interleave_ranks(gathered, 2), t)
+def test_eval_sampler_counts_every_sample_once():
     s0, s1 = list(pgnm.EvalSampler(7, 0, 2)), list(pgnm.EvalSampler(7, 1, 2))
     assert sorted(s0 + s1) == list(range(7)) and not set(s0) & set(s1)
 
@@ -964,18 +963,18 @@ def _extreme_run(cfg, dtype_amp=True):
             head[6].weight.mul_(1e3)
             head[6].bias.fill_(30.0)
     opt, pol_opt = torch.optim.SGD(model.parameters(), lr=0.01), torch.optim.SGD(policy.parameters(), lr=0.001)
-    return pgnm.Run(cfg, pgnm.DistInfo(), model, model, opt, None, policy, policy, pol_opt, None,
-                    torch.rand(1, 64), torch.rand(1, 64))
+    return (pgnm.Run(cfg, pgnm.DistInfo(), model, opt, policy=policy, pol_optimizer=pol_opt),
+            pgnm.StepState(torch.rand(1, 64), torch.rand(1, 64)))
 
 
 @pytest.mark.parametrize("objective", ["paper", "reinforce"])
 def test_objective_and_gradients_finite_under_bf16_autocast_for_extreme_policy_outputs(objective):
-    run = _extreme_run(tiny(amp=True, amp_dtype="bfloat16", objective=objective))
+    run, state = _extreme_run(tiny(amp=True, amp_dtype="bfloat16", objective=objective))
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 24, (8,))
     with run.autocast():
         a, _ = run.policy(x)
     assert a.dtype == torch.bfloat16 and a.abs().max() > 100       # autocast is really on, outputs really extreme
-    loss, aux = pgnm.compute_loss(run, x, y)
+    loss = pgnm.compute_loss(run, state, x, y).loss
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     for p in run.parameters():
@@ -995,13 +994,14 @@ def test_fp16_gradscaler_on_gpu(tmp_path):
     ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
     assert math.isfinite(res["val_loss"])
-    run = _extreme_run(tiny(amp=True, device="cuda"))
+    run, state = _extreme_run(tiny(amp=True, device="cuda"))
     run.info = pgnm.DistInfo(device=torch.device("cuda"))
     run.model.cuda(), run.policy.cuda()
-    run.alpha_d, run.beta_d = run.alpha_d.cuda(), run.beta_d.cuda()
+    state.alpha_d, state.beta_d = state.alpha_d.cuda(), state.beta_d.cuda()
     run.scaler = torch.amp.GradScaler("cuda")
-    loss, _, ok = pgnm.train_step(run, torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 24, (8,), device="cuda"))
-    assert torch.isfinite(loss)
+    fwd, ok, _ = pgnm.train_step(run, state, torch.randn(8, 3, 32, 32, device="cuda"),
+                                 torch.randint(0, 24, (8,), device="cuda"))
+    assert torch.isfinite(fwd.loss)
     assert all(torch.isfinite(p).all() for p in run.parameters())
 
 
