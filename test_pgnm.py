@@ -1422,6 +1422,26 @@ def test_evaluate_help_states_every_default_once_and_truly():
     assert "(default: 8 16 32 64 128 256)" in " ".join(p.format_help().split())
 
 
+@pytest.mark.parametrize("with_matplotlib", [False, True])
+def test_outputs_name_every_file_and_lowshot_png_needs_matplotlib(tmp_path, monkeypatch, with_matplotlib):
+    if with_matplotlib:
+        pytest.importorskip("matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)    # import matplotlib -> ImportError
+    curve = {**{f"{k}_{s}": 0.5 for k in ev.METRICS for s in ("mean", "ci")}, "f1_ci": float("nan"), "trials": 1}
+    results = {"backbones": {"A": {"path": "a.pth", "sha256": "0" * 64, "arch": "resnet10t"}},
+               "settings": {"lowshot_solver": "adamw"},
+               "datasets": {"d": {"mlp": {"A": curve}, "lowshot": {"A": {8: curve, 16: curve}}}}}
+    lines = []
+    written = ev.write_outputs(results, str(tmp_path), log=lines.append)
+    names = ["results.json", "results.csv"] + (["lowshot.png"] if with_matplotlib else [])
+    assert written == [str(tmp_path / n) for n in names] and all(os.path.isfile(p) for p in written)
+    assert lines[-len(names):] == [f"wrote {p}" for p in written]
+    assert os.path.exists(tmp_path / "lowshot.png") == with_matplotlib
+    assert with_matplotlib or any("lowshot.png not written" in ln and "pip install matplotlib" in ln for ln in lines)
+    assert json.load(open(tmp_path / "results.json"))["datasets"]["d"]["mlp"]["A"]["f1_ci"] is None   # NaN -> null
+
+
 def test_evaluate_without_arguments_uses_every_phase_model_in_order(tmp_path, capsys):
     import time
     runs = tmp_path / "runs"
