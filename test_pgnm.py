@@ -1255,6 +1255,8 @@ def test_feature_cache_second_run_extracts_nothing(tmp_path, monkeypatch):
     ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **kw)
     assert len(calls) == 3
     assert any(line.startswith("[d] resnet10t: features read from " + str(tmp_path / "o" / "cache")) for line in lines)
+    assert any(line.startswith(f"[d] {spec}: multiclass, 3 classes") for line in lines)      # the file read, named
+    assert any(line.startswith(f"backbone resnet10t: {ck} (resnet10t, written ") for line in lines)
     torch.save({"model": pgnm.build_model("resnet10t", 7).state_dict()}, ck)  # other weights: a new cache entry
     ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **kw)
     assert len(calls) == 6
