@@ -268,9 +268,13 @@ def sha256_file(path: str) -> str:
 def atomic_write(path: str, write) -> None:
     """write(binary file) into a new temp file in path's folder, fsync, then os.replace it over path. os.replace
     swaps the directory entry, so a symlink planted at path is replaced, never written through; mkstemp creates the
-    temp file exclusively, so no planted name is followed either."""
+    temp file exclusively, so no planted name is followed either. An OSError (disk full, a folder in the way)
+    becomes a one-line UserError naming the path."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__})") from None
     try:
         if hasattr(os, "fchmod"):                  # mkstemp's 0600 -> the usual 0666 & ~umask
             umask = os.umask(0)
@@ -281,9 +285,11 @@ def atomic_write(path: str, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__})") from None
         raise
 
 
@@ -598,9 +604,12 @@ def cached_features(bb: Backbone, data: ProbeData, image_size: int, cache_dir: s
             raise UserError(f"--checkpoints {bb.path} gives NaN/inf features on {data.name} ({split} split): check "
                             f"the checkpoint (and --image-size); no probe was fitted")
     if fresh:
-        atomic_write(path, lambda fh: torch.save(feats, fh))
-        log(f"[{data.name}] {bb.label}: extracted {sum(len(f) for f in feats.values())} feature vectors in "
-            f"{time.perf_counter() - t0:.1f}s, cached in {path}")
+        n, seconds = sum(len(f) for f in feats.values()), time.perf_counter() - t0
+        try:
+            atomic_write(path, lambda fh: torch.save(feats, fh))
+            log(f"[{data.name}] {bb.label}: extracted {n} feature vectors in {seconds:.1f}s, cached in {path}")
+        except UserError as e:                  # the probes can go on without a cache entry
+            log(f"[{data.name}] {bb.label}: extracted {n} feature vectors in {seconds:.1f}s; warning: {e}")
     return feats
 
 
@@ -700,6 +709,7 @@ def markdown_table(datasets: dict, labels: list[str], metric: str = "f1") -> str
 # =====================================================================================================================
 
 METRICS = ("f1", "acc", "balanced_acc", "precision", "recall", "auroc")
+OUTPUTS = ("results.json", "results.csv", "lowshot.png")
 
 
 def _json_safe(x):
@@ -757,11 +767,11 @@ def write_plot(results: dict, path: str) -> bool:
 
 def write_outputs(results: dict, out_dir: str, log=print) -> list[str]:
     """results.json, results.csv and (with matplotlib) lowshot.png in out_dir; returns the paths written."""
-    written = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")]
+    written = [os.path.join(out_dir, OUTPUTS[0]), os.path.join(out_dir, OUTPUTS[1])]
     doc = json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n"
     atomic_write(written[0], lambda fh: fh.write(doc.encode()))
     atomic_write(written[1], lambda fh: fh.write(_csv_bytes(results)))
-    png = os.path.join(out_dir, "lowshot.png")
+    png = os.path.join(out_dir, OUTPUTS[2])
     if write_plot(results, png):
         written.append(png)
     else:
@@ -826,6 +836,10 @@ def prepare_output_dir(output_dir: str) -> str:
                         f"folder") from None
     if not os.access(output_dir, os.W_OK) or not os.access(cache, os.W_OK):
         raise UserError(f"--output-dir {output_dir} is not writable: pass a writable folder")
+    for name in OUTPUTS:                  # found now, not after an hour of probes
+        if os.path.isdir(os.path.join(output_dir, name)):
+            raise UserError(f"cannot write {os.path.join(output_dir, name)}: a folder is in the way; move it or "
+                            f"pass another --output-dir")
     return cache
 
 

@@ -1322,6 +1322,7 @@ def _bad_case_files(tmp):
     os.makedirs(str(tmp / "hollow" / "val" / "c"))                   # a val class that train lacks
     (tmp / "novals").mkdir()
     (tmp / "novals" / "train").mkdir()
+    os.makedirs(str(tmp / "blocked" / "results.json"))
     (tmp / "dup").mkdir()
     _npz(str(tmp / "dup" / "good.npz"))
     return f
@@ -1345,6 +1346,8 @@ BAD_EVALUATE_INPUTS = [   # (extra arguments, strings the one error line must co
     (["--output-dir", "{tmp}/file.txt"], ["--output-dir", "file.txt", "is a file"]),
     (["--output-dir", "{tmp}/file.txt/sub"], ["--output-dir", "file.txt/sub"]),
     (["--labels", "one", "two"], ["--labels has 2 names for 1"]),
+    (["--labels", " "], ["--labels must be distinct, non-empty"]),
+    (["--output-dir", "{tmp}/blocked"], ["cannot write", "blocked/results.json"]),     # a folder named results.json
     (["--checkpoints", "{tmp}/none.pth"], ["--checkpoints", "none.pth", "does not exist"]),
     (["--checkpoints", "{tmp}/ckdir"], ["--checkpoints", "ckdir", "is a folder"]),
     (["--checkpoints", "{tmp}/list.pth"], ["list.pth", "no state_dict"]),
@@ -1401,6 +1404,7 @@ def test_evaluate_bad_inputs(bad_case_files, tmp_path, capsys, args, needles):
     for n in needles:
         assert n.format(**f) in err, err
     assert "wrote" not in out and not os.path.exists(tmp_path / "o" / "results.json")
+    assert not [p for p in os.listdir(f["tmp"] + "/blocked") if p.endswith(".tmp")]         # no temp file left
 
 
 def test_evaluate_bad_input_in_a_real_process(tmp_path):
@@ -1422,6 +1426,21 @@ def test_evaluate_help_states_every_default_once_and_truly():
             shown = " ".join(map(str, d)) if isinstance(d, list) else str(d)
             assert f"(default: {shown})" in a.help, (a.option_strings, a.help)
     assert "(default: 8 16 32 64 128 256)" in " ".join(p.format_help().split())
+
+
+def test_atomic_write_replaces_a_link_and_fails_in_one_line(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, tmp_path / "out.txt")
+    ev.atomic_write(str(tmp_path / "out.txt"), lambda fh: fh.write(b"new"))
+    assert victim.read_text() == "keep me" and not os.path.islink(tmp_path / "out.txt")
+    assert (tmp_path / "out.txt").read_text() == "new"
+    os.makedirs(tmp_path / "dir.txt")
+    with pytest.raises(ev.UserError, match="cannot write .*dir.txt"):              # os.replace onto a folder
+        ev.atomic_write(str(tmp_path / "dir.txt"), lambda fh: fh.write(b"x"))
+    with pytest.raises(ev.UserError, match="cannot write .*missing/x.txt"):        # mkstemp in a missing folder
+        ev.atomic_write(str(tmp_path / "missing" / "x.txt"), lambda fh: fh.write(b"x"))
+    assert sorted(os.listdir(tmp_path)) == ["dir.txt", "out.txt", "victim.txt"]   # no temp file left behind
 
 
 @pytest.mark.parametrize("with_matplotlib", [False, True])
