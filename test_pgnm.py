@@ -1017,27 +1017,31 @@ def test_gpu_and_cpu_mask_pipeline_agree():
 #  evaluate.py: probes, statistics and metrics against scikit-learn / scipy
 # =====================================================================================================================
 
+import csv  # noqa: E402
+
 import evaluate as ev  # noqa: E402
 
 
 def test_t_quantile_and_ci_by_hand():
     # t_{0.975} from printed tables
     for df, want in ((1, 12.706204736), (2, 4.302652730), (6, 2.446911851), (9, 2.262157163), (30, 2.042272456)):
-        assert ev.t_quantile(0.975, df) == pytest.approx(want, abs=1e-6)
+        assert ev.t975(df) == pytest.approx(want, abs=1e-6)
     mean, half = ev.mean_ci([1, 2, 3, 4, 5, 6, 7])
     assert mean == 4.0
-    assert half == pytest.approx(2.446911851 * math.sqrt(28 / 6) / math.sqrt(7), rel=1e-7)
+    assert half == pytest.approx(2.446911851 * math.sqrt(28 / 6) / math.sqrt(7), rel=1e-6)
     m1, h1 = ev.mean_ci([0.5])
     assert m1 == 0.5 and math.isnan(h1)
+    assert ev.mean_ci([0.2, float("nan"), 0.4])[0] == pytest.approx(0.3)          # NaN trials are left out
     assert [ev.trials_for(n) for n in (9_999, 10_000, 30_000, 30_001)] == [7, 3, 3, 1]
+    with pytest.raises(ValueError):
+        ev.t975(ev.MAX_TRIALS)                 # beyond the table: --trials is validated so this never happens
 
 
 def test_t_distribution_against_scipy():
     stats = pytest.importorskip("scipy.stats")
-    for df in range(1, 31):
-        for t in (0.3, 1.0, 2.0, 4.5):
-            assert ev.t_two_sided_mass(t, df) == pytest.approx(stats.t.cdf(t, df) - stats.t.cdf(-t, df), abs=1e-12)
-        assert ev.t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-8)
+    assert len(ev.T975) == ev.MAX_TRIALS - 1   # every df that --trials / --lowshot-trials can produce
+    for df in range(1, ev.MAX_TRIALS):
+        assert ev.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-6)
 
 
 @pytest.mark.parametrize("case", ["random", "label_never_positive", "always_predicted"])
@@ -1065,13 +1069,28 @@ def test_multilabel_metrics_equal_sklearn(case):
         assert ours["auroc"] == pytest.approx(skm.roc_auc_score(y, p, average="macro"))
 
 
-def test_logistic_regression_matches_sklearn():
+@pytest.mark.parametrize("kind,n_out", [("multiclass", 5), ("binary", 2), ("multilabel", 6)])
+def test_stopping_accuracy_is_the_reported_accuracy(kind, n_out):
+    """The probes stop on Task.accuracy: plain accuracy, label-wise for multi-label (the README says so)."""
+    from sklearn.metrics import accuracy_score
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, n_out, generator=g)
+    y = (torch.rand(50, n_out, generator=g) < 0.4).long() if kind == "multilabel" else torch.arange(50) % n_out
+    task = ev.Task(kind, n_out)
+    acc = task.accuracy(logits, y)
+    assert acc == pytest.approx(task.metrics(logits, y)["acc"])
+    want = ((logits > 0).long() == y).float().mean() if kind == "multilabel" \
+        else accuracy_score(y.numpy(), logits.argmax(1).numpy())
+    assert acc == pytest.approx(float(want))
+
+
+def test_lbfgs_logistic_regression_matches_sklearn():
     from sklearn.datasets import make_classification
     from sklearn.linear_model import LogisticRegression
     x, y = make_classification(n_samples=900, n_features=40, n_informative=12, n_classes=5, n_clusters_per_class=2,
                                class_sep=0.8, random_state=0)
     xtr, xte = ev.standardize(torch.tensor(x[:600], dtype=torch.float32), torch.tensor(x[600:], dtype=torch.float32))
-    lin = ev.fit_logreg(xtr, torch.tensor(y[:600]), ev.Task("multiclass", 5))
+    lin = ev.fit_logreg_lbfgs(xtr, torch.tensor(y[:600]), ev.Task("multiclass", 5))
     ours = (lin(xte).argmax(1).numpy() == y[600:]).mean()
     sk = LogisticRegression(C=1.0, max_iter=2000).fit(xtr.numpy(), y[:600])
     ref = (sk.predict(xte.numpy()) == y[600:]).mean()
@@ -1079,29 +1098,112 @@ def test_logistic_regression_matches_sklearn():
     assert np.allclose(lin.weight.detach().numpy(), sk.coef_, atol=2e-2)   # the same optimum
 
 
-def test_mlp_probe_learns_and_stops_early():
-    g = torch.Generator().manual_seed(0)
+def _blobs(spread, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
     centers = torch.randn(4, 16, generator=g) * 3
-    y = torch.arange(400) % 4
-    x = centers[y] + torch.randn(400, 16, generator=g)
+    y = torch.arange(n) % 4
+    return centers[y] + torch.randn(n, 16, generator=g) * spread, y
+
+
+def _fit(probe, *args, **kw):
+    return (ev.train_mlp if probe == "mlp" else ev.fit_logreg_adamw)(*args, **kw)
+
+
+@pytest.mark.parametrize("probe", ["mlp", "logreg"])
+def test_adamw_probe_stops_5_epochs_after_its_best_and_returns_the_best_weights(probe):
+    x, y = _blobs(spread=3.0)                       # overlapping classes: validation accuracy rises, then wobbles
     task = ev.Task("multiclass", 4)
-    mlp, best_epoch = ev.train_mlp(x[:300], y[:300], x[300:350], y[300:350], task, seed=0, patience=5)
-    assert task.metrics(mlp(x[350:]), y[350:])["f1"] > 0.9
-    assert 1 <= best_epoch < 200
+    seen = []
+    model, best, history = _fit(probe, x[:200], y[:200], x[200:], y[200:], task, seed=0, on_epoch=lambda e, m, a:
+                                seen.append((a, {k: v.detach().clone() for k, v in m.state_dict().items()})))
+    assert [a for a, _ in seen] == history
+    assert len(history) == best + ev.PATIENCE < ev.MAX_EPOCHS              # exactly 5 epochs without a gain
+    assert all(h < history[best - 1] for h in history[:best - 1])           # the first epoch with the top accuracy
+    assert all(h <= history[best - 1] for h in history[best:])
+    best_state, last_state = seen[best - 1][1], seen[-1][1]
+    assert all(torch.equal(v, best_state[k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, last_state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert task.accuracy(model(x[200:]), y[200:]) == history[best - 1]
+        assert not model.training
 
 
-def test_lowshot_sampling_and_a_test_split_missing_a_class():
+@pytest.mark.parametrize("probe", ["mlp", "logreg"])
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
+def test_adamw_probe_with_flat_validation_accuracy_stops_after_six_epochs(probe, kind):
+    # every validation image is the same vector, so every epoch's model predicts the same for all of them, and the
+    # validation targets make every such prediction equally right: accuracy 1/4 (multi-label: 1/2 for every label)
+    x, y = _blobs(spread=1.0, n=120)
+    task = ev.Task(kind, 4)
+    yva = torch.arange(8) % 4
+    if kind == "multilabel":
+        y, yva = F.one_hot(y, 4), (torch.arange(8) < 4).long()[:, None].expand(8, 4)
+    xva = torch.zeros(8, 16)
+    seen = []
+    model, best, history = _fit(probe, x, y, xva, yva, task, seed=1,
+                                on_epoch=lambda e, m, a: seen.append({k: v.clone() for k, v in m.state_dict().items()}))
+    assert best == 1 and len(history) == 1 + ev.PATIENCE and len(set(history)) == 1
+    assert all(torch.equal(v, seen[0][k]) for k, v in model.state_dict().items())
+
+
+def test_adamw_probe_epochs_batches_and_hyper_parameters(monkeypatch):
+    """An epoch is one pass over the training samples in batches of 16 (low-shot) or 256 (MLP), with AdamW's
+    defaults; a run that reaches the epoch cap says so."""
+    sizes, opts = [], []
+
+    class Counting(ev.Task):
+        def loss(self, logits, y):
+            sizes.append(len(y))
+            return super().loss(logits, y)
+
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: opts.append(kw) or real_adamw(params, **kw))
+    x, y = _blobs(spread=1.0, n=300)
+    task = Counting("multiclass", 4)
+    _, _, history = ev.fit_logreg_adamw(x[:40], y[:40], x[40:60], y[40:60], task, seed=0)
+    assert sizes == [16, 16, 8] * len(history)
+    sizes.clear()
+    _, _, history = ev.train_mlp(x, y, x[:20], y[:20], task, seed=0)
+    assert sizes == [256, 44] * len(history)
+    assert opts == [{}, {}]                                # lr 1e-3, betas (0.9, 0.999), weight decay 0.01
+    assert real_adamw([torch.zeros(1, requires_grad=True)]).defaults["weight_decay"] == 0.01
+    lines = []
+    monkeypatch.setattr(ev, "MAX_EPOCHS", 3)             # shorter than the patience: every run hits the cap
+    feats = {"train": x[:40], "val": x[40:60], "test": x[60:80]}
+    lab = {s_: y[a:b].numpy() for s_, a, b in (("train", 0, 40), ("val", 40, 60), ("test", 60, 80))}
+    ev.run_lowshot(feats, lab, ev.Task("multiclass", 4), [4], 1, torch.device("cpu"), log=lines.append, tag="[t]")
+    assert any("warning: stopped at the 3-epoch cap" in line for line in lines), lines
+
+
+def test_adamw_probes_learn():
+    x, y = _blobs(spread=1.0)
+    task = ev.Task("multiclass", 4)
+    for probe in ("mlp", "logreg"):
+        model, best, _ = _fit(probe, x[:300], y[:300], x[300:350], y[300:350], task, seed=0)
+        with torch.no_grad():
+            assert task.metrics(model(x[350:]), y[350:])["f1"] > 0.9, probe
+
+
+def test_lowshot_sampling_val_split_and_a_test_split_missing_a_class(monkeypatch):
     labels = np.repeat(np.arange(3), [20, 5, 20])
     idx = ev.sample_shots(labels, 8, np.random.default_rng(0), ev.Task("multiclass", 3))
     assert np.bincount(labels[idx]).tolist() == [8, 5, 8]
-    feats = {"train": torch.randn(45, 8), "test": torch.randn(10, 8)}
-    res = ev.run_lowshot(feats, {"train": labels, "test": np.array([0] * 5 + [1] * 5)},   # class 2 absent from test
-                         ev.Task("multiclass", 3), [4], 2, torch.device("cpu"), log=lambda *_: None)
-    assert math.isfinite(res[4]["auroc_mean"])
+    feats = {"train": torch.randn(45, 8), "val": torch.randn(9, 8), "test": torch.randn(10, 8)}
+    lab = {"train": labels, "val": np.arange(9) % 3, "test": np.array([0] * 5 + [1] * 5)}   # class 2 absent from test
+    real, val_sizes = ev.fit_logreg_adamw, []
+    monkeypatch.setattr(ev, "fit_logreg_adamw", lambda xs, ys, xv, yv, *a, **k: val_sizes.append(len(xv)) or
+                        real(xs, ys, xv, yv, *a, **k))
+    res = ev.run_lowshot(feats, lab, ev.Task("multiclass", 3), [4, 30], 2, torch.device("cpu"), log=lambda *_: None)
+    assert math.isfinite(res[4]["auroc_mean"]) and len(res[4]["best_epoch"]) == 2
+    assert 30 not in res                                    # no class has 30 samples: skipped
+    assert val_sizes == [9, 9]                              # the AdamW probe stops on the whole val split
+    res = ev.run_lowshot(feats, lab, ev.Task("multiclass", 3), [4], 2, torch.device("cpu"), log=lambda *_: None,
+                         solver="lbfgs")
+    assert val_sizes == [9, 9] and res[4]["best_epoch"] == [None, None]
 
 
-def _tiny_backbone(tmp_path, arch="resnet10t"):
-    path = str(tmp_path / f"{arch}.pth")
+def _tiny_backbone(tmp_path, arch="resnet10t", name=None):
+    path = str(tmp_path / (name or f"{arch}.pth"))
     torch.manual_seed(0)
     torch.save({"model": pgnm.build_model(arch, 7).state_dict()}, path)
     return path
@@ -1120,70 +1222,287 @@ def test_evaluate_every_input_format(tmp_path, fmt):
         spec = str(tmp_path / f"{fmt}.npz")
         _write_npz(spec, merged=fmt == "npz_merged", n=60, multilabel=fmt == "multilabel", rgb=fmt == "npz")
     out = str(tmp_path / "out")
-    res = ev.evaluate([ck, ck], ["A", "B"], [spec], out, **EVAL_KW)
-    (name, r), = res.items()
+    solver = "lbfgs" if fmt == "npz" else "adamw"
+    kw = {**EVAL_KW, "shots": [2] if fmt == "multilabel" else [2, 4]}     # multi-label draws 2 x 14 images
+    res = ev.evaluate([ck, ck], ["A", "B"], [spec], out, lowshot_solver=solver, **kw)
+    (name, r), = res["datasets"].items()
     assert r["task"] == ("multilabel" if fmt == "multilabel" else "multiclass")
     assert r["mlp"]["A"]["trials"] == 2 and len(r["mlp"]["A"]["f1"]) == 2
     assert r["mlp"]["A"]["f1"] == r["mlp"]["B"]["f1"]                       # same weights, same seeds
-    assert set(r["lowshot"]["A"]) == {2, 4}
-    saved = json.load(open(os.path.join(out, "results.json")))
-    assert name in saved
-    rows = open(os.path.join(out, "results.csv")).read().splitlines()
-    assert rows[0].startswith("dataset,backbone,probe") and len(rows) > 10
+    assert set(r["lowshot"]["A"]) == set(kw["shots"])
+    assert all(isinstance(e, int) for e in r["lowshot"]["A"][2]["best_epoch"]) == (solver == "adamw")
+    assert len(r["mlp"]["A"]["best_epoch"]) == 2 and all(e >= 1 for e in r["mlp"]["A"]["best_epoch"])
+    saved = json.loads(open(os.path.join(out, "results.json")).read(), parse_constant=lambda c: pytest.fail(c))
+    assert name in saved["datasets"] and saved["settings"]["lowshot_solver"] == solver
+    assert saved["backbones"]["A"] == {"path": ck, "sha256": ev.sha256_file(ck), "arch": "resnet10t"}
+    rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+    assert {r_["probe"] for r_ in rows} == {"mlp", f"logreg-{solver}"}
+    assert {r_["metric"] for r_ in rows} == set(ev.METRICS) and rows[0]["sha256"] == ev.sha256_file(ck)
+    f1 = [r_ for r_ in rows if r_["backbone"] == "A" and r_["probe"] == "mlp" and r_["metric"] == "f1"]
+    assert float(f1[0]["mean"]) == pytest.approx(r["mlp"]["A"]["f1_mean"])
 
 
 def test_feature_cache_second_run_extracts_nothing(tmp_path, monkeypatch):
     ck = _tiny_backbone(tmp_path)
     spec = str(tmp_path / "d.npz")
     _write_npz(spec, n=30)
-    calls = []
+    calls, lines = [], []
     real = ev.extract_features
     monkeypatch.setattr(ev, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **EVAL_KW)
+    kw = {**EVAL_KW, "log": lines.append}
+    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **kw)
     assert len(calls) == 3                                                    # train, val, test
-    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **EVAL_KW)
+    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **kw)
     assert len(calls) == 3
+    assert any(line.startswith("[d] resnet10t: features read from " + str(tmp_path / "o" / "cache")) for line in lines)
+    assert any(line.startswith(f"[d] {spec}: multiclass, 3 classes") for line in lines)      # the file read, named
+    assert any(line.startswith(f"backbone resnet10t: {ck} (resnet10t, written ") for line in lines)
     torch.save({"model": pgnm.build_model("resnet10t", 7).state_dict()}, ck)  # other weights: a new cache entry
-    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **EVAL_KW)
+    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **kw)
     assert len(calls) == 6
 
 
-def test_evaluate_bad_inputs(tmp_path, capsys):
-    ck = _tiny_backbone(tmp_path)
-    bad = str(tmp_path / "bad.npz")
-    np.savez(bad, pictures=np.zeros((2, 4, 4), np.uint8))
-    assert ev.cli(["--checkpoints", ck, "--data", bad, "--output-dir", str(tmp_path / "o")]) == 2
-    assert "expected train_images" in capsys.readouterr().err
-    spec = str(tmp_path / "d.npz")
-    _write_npz(spec, n=30)
-    assert ev.cli(["--checkpoints", ck, "--model", "resnet50", "--data", spec]) == 2
-    err = capsys.readouterr().err
-    assert "does not fit --model resnet50" in err and "looks like resnet10t" in err and len(err.splitlines()) == 1
-    d = dict(np.load(spec))
-    d["val_labels"] = d["val_labels"] + 5
-    np.savez(spec, **d)
-    assert ev.cli(["--checkpoints", ck, "--data", spec]) == 2
-    assert "out of range" in capsys.readouterr().err
-    d["val_labels"] = d["val_labels"] - 10
-    np.savez(spec, **d)
-    assert ev.cli(["--checkpoints", ck, "--data", spec]) == 2
-    assert "must be >= 0" in capsys.readouterr().err
-    assert ev.cli(["--checkpoints", ck, ck, "--labels", "one"]) == 2
-    assert "--labels has 1 names for 2" in capsys.readouterr().err
-    assert ev.cli(["--runs-dir", str(tmp_path / "none")]) == 2
-    assert "python pgnm.py --phase heated" in capsys.readouterr().err
+# --- bad input: exit code 2, one stderr line naming the flag or file, never a traceback -----------------------------
 
 
-def test_evaluate_without_arguments_uses_the_newest_run(tmp_path, capsys):
+def _npz(path, **over):
+    """A valid 3-class MedMNIST file (train/val/test of 12 28x28 images), with arrays replaced or removed (None)."""
+    imgs = np.random.default_rng(0).integers(0, 255, (12, 28, 28), dtype=np.uint8)
+    d = {f"{s}_{k}": v for s in ("train", "val", "test") for k, v in (("images", imgs),
+                                                                        ("labels", (np.arange(12) % 3)[:, None]))}
+    for k, v in over.items():
+        d.pop(k) if v is None else d.__setitem__(k, v)
+    np.savez(path, **d)
+    return path
+
+
+def _bad_case_files(tmp):
+    """The files that the bad-input cases name, keyed by the {placeholder} they replace."""
+    f = {"tmp": str(tmp), "ck": _tiny_backbone(tmp), "good": _npz(str(tmp / "good.npz"))}
+    nan_sd = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+              for k, v in pgnm.build_model("resnet10t", 7).state_dict().items()}
+    torch.save(nan_sd, str(tmp / "nan.pth"))
+    one_inf = pgnm.build_model("resnet10t", 7).state_dict()
+    one_inf["layer2.0.conv1.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(one_inf, str(tmp / "inf.pth"))
+    neg_var = pgnm.build_model("resnet10t", 7).state_dict()
+    neg_var["bn1.running_var"].fill_(-1.0)               # finite weights, NaN features (sqrt of a negative variance)
+    torch.save(neg_var, str(tmp / "negvar.pth"))
+    torch.save([1, 2, 3], str(tmp / "list.pth"))
+    (tmp / "garbage.pth").write_bytes(b"not a checkpoint")
+    (tmp / "garbage.npz").write_bytes(b"PK\x03\x04 not a zip")
+    (tmp / "file.txt").write_text("x")
+    (tmp / "ckdir").mkdir()
+    lab = (np.arange(12) % 3)[:, None]
+    for name, over in {
+        "objlabels": {"train_labels": np.array([[1], [2]] * 6, dtype=object)},
+        "objimages": {"train_images": np.array([None] * 12, dtype=object)},
+        "nanlabels": {"val_labels": np.where(lab == 1, np.nan, lab).astype(float)},
+        "strlabels": {"test_labels": lab.astype(str)},
+        "zerod": {"train_labels": np.array(3)},
+        "fraction": {"train_labels": np.where(lab == 1, 0.7, lab).astype(float)},
+        "negative": {"val_labels": lab - 1},
+        "outofrange": {"test_labels": lab + 5},
+        "huge": {"train_labels": lab * 10**9},
+        "onelabel": {f"{s}_labels": np.zeros((12, 1), np.int64) for s in ("train", "val", "test")},
+        "notest": {"test_images": None, "test_labels": None},
+        "nolabels": {"test_labels": None},
+        "emptysplit": {"val_images": np.zeros((0, 28, 28), np.uint8), "val_labels": np.zeros((0, 1), np.int64)},
+        "floatimages": {"train_images": np.zeros((12, 28, 28), np.float32)},
+        "count": {"train_labels": lab[:10]},
+        "mlnot01": {f"{s}_labels": np.full((12, 4), 2) for s in ("train", "val", "test")},
+        "mlcolumns": {"train_labels": np.ones((12, 4), np.int64), "val_labels": np.ones((12, 3), np.int64),
+                      "test_labels": np.ones((12, 4), np.int64)},
+    }.items():
+        f[name] = _npz(str(tmp / f"{name}.npz"), **over)
+    np.savez(str(tmp / "merged1.npz"), images=np.zeros((12, 28, 28), np.uint8), labels=np.zeros(12, np.int64))
+    np.savez(str(tmp / "wrongkeys.npz"), pictures=np.zeros((2, 4, 4), np.uint8))
+    _write_imagefolder(str(tmp / "oneclass"), classes=("a",), per=2, size=16)
+    _write_imagefolder(str(tmp / "hollow"), classes=("a", "b"), per=2, size=16)
+    os.makedirs(str(tmp / "hollow" / "val" / "c"))                   # a val class that train lacks
+    (tmp / "novals").mkdir()
+    (tmp / "novals" / "train").mkdir()
+    os.makedirs(str(tmp / "blocked" / "results.json"))
+    (tmp / "dup").mkdir()
+    _npz(str(tmp / "dup" / "good.npz"))
+    return f
+
+
+BAD_EVALUATE_INPUTS = [   # (extra arguments, strings the one error line must contain)
+    (["--lowshot-trials", "0"], ["--lowshot-trials 0"]),
+    (["--trials", "0"], ["--trials 0"]),
+    (["--trials", "51"], ["--trials 51", "1 to 50"]),
+    (["--trials", "x"], ["--trials", "invalid int"]),
+    (["--workers", "-1"], ["--workers -1"]),
+    (["--shots", "8", "0"], ["--shots 8 0"]),
+    (["--image-size", "0"], ["--image-size 0"]),
+    (["--batch-size", "0"], ["--batch-size 0"]),
+    (["--seed", "-1"], ["--seed -1"]),
+    (["--device", "tpu"], ["--device 'tpu'"]),
+    (["--device", "cuda"], ["--device cuda", "--device cpu"]),
+    (["--lowshot-solver", "sgd"], ["--lowshot-solver", "adamw"]),
+    (["--model", "vit"], ["--model", "resnet50"]),
+    (["--no-such-flag"], ["--no-such-flag"]),
+    (["--output-dir", "{tmp}/file.txt"], ["--output-dir", "file.txt", "is a file"]),
+    (["--output-dir", "{tmp}/file.txt/sub"], ["--output-dir", "file.txt/sub"]),
+    (["--labels", "one", "two"], ["--labels has 2 names for 1"]),
+    (["--labels", " "], ["--labels must be distinct, non-empty"]),
+    (["--output-dir", "{tmp}/blocked"], ["cannot write", "blocked/results.json"]),     # a folder named results.json
+    (["--checkpoints", "{tmp}/none.pth"], ["--checkpoints", "none.pth", "does not exist"]),
+    (["--checkpoints", "{tmp}/ckdir"], ["--checkpoints", "ckdir", "is a folder"]),
+    (["--checkpoints", "{tmp}/list.pth"], ["list.pth", "no state_dict"]),
+    (["--checkpoints", "{tmp}/garbage.pth"], ["garbage.pth", "cannot load"]),
+    (["--checkpoints", "{tmp}/nan.pth"], ["nan.pth", "NaN/inf"]),
+    (["--checkpoints", "{tmp}/inf.pth"], ["inf.pth", "layer2.0.conv1.weight has 1 NaN/inf"]),
+    (["--checkpoints", "{tmp}/negvar.pth"], ["negvar.pth", "NaN/inf features"]),
+    (["--checkpoints", "{ck}", "--model", "resnet50"], ["does not fit --model resnet50", "looks like resnet10t"]),
+    (["--data", "{tmp}/nope.npz"], ["--data", "nope.npz", "does not exist"]),
+    (["--data", "{tmp}/file.txt"], ["file.txt", "must be a MedMNIST .npz"]),
+    (["--data", "{tmp}/garbage.npz"], ["garbage.npz", "not a readable .npz"]),
+    (["--data", "{tmp}/wrongkeys.npz"], ["wrongkeys.npz", "expected train_images"]),
+    (["--data", "{objlabels}"], ["objlabels.npz", "train_labels must hold numbers", "object"]),
+    (["--data", "{objimages}"], ["objimages.npz", "train_images must be uint8"]),
+    (["--data", "{nanlabels}"], ["nanlabels.npz", "val_labels has NaN"]),
+    (["--data", "{strlabels}"], ["strlabels.npz", "test_labels must hold numbers"]),
+    (["--data", "{zerod}"], ["zerod.npz", "train_labels", "shape ()"]),
+    (["--data", "{fraction}"], ["fraction.npz", "fractional labels (e.g. 0.7)"]),
+    (["--data", "{negative}"], ["negative.npz", "val_labels has labels from -1"]),
+    (["--data", "{outofrange}"], ["outofrange.npz", "test_labels has label 7", "out of range"]),
+    (["--data", "{huge}"], ["huge.npz", "train_labels has labels from 0 to 2000000000"]),
+    (["--data", "{onelabel}"], ["onelabel.npz", "one class only"]),
+    (["--data", "{notest}"], ["notest.npz", "no test_images"]),
+    (["--data", "{nolabels}"], ["nolabels.npz", "only one of test_images and test_labels"]),
+    (["--data", "{emptysplit}"], ["emptysplit.npz", "val_labels is empty"]),
+    (["--data", "{floatimages}"], ["floatimages.npz", "must be uint8", "float32"]),
+    (["--data", "{count}"], ["count.npz", "12 images but train_labels has 10"]),
+    (["--data", "{mlnot01}"], ["mlnot01.npz", "must be 0/1"]),
+    (["--data", "{mlcolumns}"], ["mlcolumns.npz", "val_labels has shape (12, 3)"]),
+    (["--data", "{tmp}/merged1.npz"], ["merged1.npz", "one class only"]),
+    (["--data", "{tmp}/oneclass"], ["oneclass", "train has one class only"]),
+    (["--data", "{tmp}/hollow"], ["hollow", "'c'", "train/ does not have"]),
+    (["--data", "{tmp}/novals"], ["novals", "train/ and val/"]),
+    (["--data", "{good}", "{tmp}/dup/good.npz"], ["--data", "share a name"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_case_files(tmp_path_factory):
+    return _bad_case_files(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("args,needles", BAD_EVALUATE_INPUTS, ids=[" ".join(a) for a, _ in BAD_EVALUATE_INPUTS])
+def test_evaluate_bad_inputs(bad_case_files, tmp_path, capsys, args, needles):
+    if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    f = bad_case_files
+    base = ["--checkpoints", f["ck"], "--data", f["good"], "--output-dir", str(tmp_path / "o"), "--image-size", "32",
+            "--trials", "1", "--lowshot-trials", "1", "--shots", "2"]
+    code = ev.cli(base + [a.format(**f) for a in args])     # argparse keeps a repeated flag's last value
+    out, err = capsys.readouterr()
+    err = err.strip()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n.format(**f) in err, err
+    assert "wrote" not in out and not os.path.exists(tmp_path / "o" / "results.json")
+    assert not [p for p in os.listdir(f["tmp"] + "/blocked") if p.endswith(".tmp")]         # no temp file left
+
+
+def test_evaluate_bad_input_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--lowshot-trials", "0",
+                           "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    _assert_one_line_error(proc, "--lowshot-trials 0")
+
+
+def test_evaluate_help_states_every_default_once_and_truly():
+    p = ev.build_parser()
+    defaults = vars(p.parse_args([]))
+    for a in p._actions:
+        if a.dest in ("help", "bench_logreg"):
+            continue
+        assert a.help.count("(default") == 1, a.option_strings
+        d = defaults[a.dest]
+        if d not in (None, []):
+            shown = " ".join(map(str, d)) if isinstance(d, list) else str(d)
+            assert f"(default: {shown})" in a.help, (a.option_strings, a.help)
+    assert "(default: 8 16 32 64 128 256)" in " ".join(p.format_help().split())
+
+
+def test_atomic_write_replaces_a_link_and_fails_in_one_line(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, tmp_path / "out.txt")
+    ev.atomic_write(str(tmp_path / "out.txt"), lambda fh: fh.write(b"new"))
+    assert victim.read_text() == "keep me" and not os.path.islink(tmp_path / "out.txt")
+    assert (tmp_path / "out.txt").read_text() == "new"
+    os.makedirs(tmp_path / "dir.txt")
+    with pytest.raises(ev.UserError, match="cannot write .*dir.txt"):              # os.replace onto a folder
+        ev.atomic_write(str(tmp_path / "dir.txt"), lambda fh: fh.write(b"x"))
+    with pytest.raises(ev.UserError, match="cannot write .*missing/x.txt"):        # mkstemp in a missing folder
+        ev.atomic_write(str(tmp_path / "missing" / "x.txt"), lambda fh: fh.write(b"x"))
+    assert sorted(os.listdir(tmp_path)) == ["dir.txt", "out.txt", "victim.txt"]   # no temp file left behind
+
+
+@pytest.mark.parametrize("with_matplotlib", [False, True])
+def test_outputs_name_every_file_and_lowshot_png_needs_matplotlib(tmp_path, monkeypatch, with_matplotlib):
+    if with_matplotlib:
+        pytest.importorskip("matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)    # import matplotlib -> ImportError
+    curve = {**{f"{k}_{s}": 0.5 for k in ev.METRICS for s in ("mean", "ci")}, "f1_ci": float("nan"), "trials": 1}
+    results = {"backbones": {"A": {"path": "a.pth", "sha256": "0" * 64, "arch": "resnet10t"}},
+               "settings": {"lowshot_solver": "adamw"},
+               "datasets": {"d": {"mlp": {"A": curve}, "lowshot": {"A": {8: curve, 16: curve}}}}}
+    lines = []
+    written = ev.write_outputs(results, str(tmp_path), log=lines.append)
+    names = ["results.json", "results.csv"] + (["lowshot.png"] if with_matplotlib else [])
+    assert written == [str(tmp_path / n) for n in names] and all(os.path.isfile(p) for p in written)
+    assert lines[-len(names):] == [f"wrote {p}" for p in written]
+    assert os.path.exists(tmp_path / "lowshot.png") == with_matplotlib
+    assert with_matplotlib or any("lowshot.png not written" in ln and "pip install matplotlib" in ln for ln in lines)
+    assert json.load(open(tmp_path / "results.json"))["datasets"]["d"]["mlp"]["A"]["f1_ci"] is None   # NaN -> null
+
+
+def test_evaluate_without_arguments_uses_every_phase_model_in_order(tmp_path, capsys):
+    import time
     runs = tmp_path / "runs"
-    pgnm.main(tiny("baseline", output_dir=str(runs / "baseline")))
+    assert ev.cli(["--runs-dir", str(runs), "--output-dir", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "python pgnm.py --phase heated" in err and "model_heated.pth" in err and len(err.splitlines()) == 1
+    paths = {}
+    for phase in ("baseline", "heated"):                 # no finetune run; written out of order on purpose
+        os.makedirs(runs / phase)
+        paths[phase] = str(runs / phase / f"model_{phase}.pth")
+        torch.manual_seed(0)                             # the same weights: the second backbone's features are cached
+        torch.save(pgnm.build_model("resnet10t", 24).state_dict(), paths[phase])
+    os.utime(paths["heated"], (time.time() - 200, time.time() - 200))
+    os.makedirs(runs / "masks")                           # a newer model elsewhere must not be picked up
+    torch.save(pgnm.build_model("resnet10t", 24).state_dict(), str(runs / "masks" / "model_heated.pth"))
+    (tmp_path / "ev").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, tmp_path / "ev" / "results.json")  # a planted link: replaced, never written through
     code = ev.cli(["--runs-dir", str(runs), "--output-dir", str(tmp_path / "ev"), "--trials", "1", "--lowshot-trials",
                    "1", "--shots", "2", "--image-size", "32"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "| synthetic-unseen (multiclass" in out and "baseline" in out
+    assert f"backbone heated: {paths['heated']} (resnet10t, written 3 min ago, sha256 " in out
+    assert f"backbone baseline: {paths['baseline']} (resnet10t, written " in out
+    assert out.index("backbone heated") < out.index("backbone baseline") and "masks" not in out
+    assert "| Dataset | heated | baseline |" in out and "| synthetic-unseen (multiclass" in out
+    assert victim.read_text() == "keep me" and not os.path.islink(tmp_path / "ev" / "results.json")
     res = json.load(open(tmp_path / "ev" / "results.json"))
-    assert res["synthetic-unseen"]["mlp"]["baseline"]["trials"] == 1
+    assert res["backbones"] == {p: {"path": paths[p], "sha256": ev.sha256_file(paths[p]), "arch": "resnet10t"}
+                                for p in ("heated", "baseline")}
+    assert list(res["backbones"]) == ["heated", "baseline"]
+    assert res["datasets"]["synthetic-unseen"]["mlp"]["baseline"]["trials"] == 1
+    written = [line[len("wrote "):] for line in out.splitlines() if line.startswith("wrote ")]
+    assert written[:2] == [str(tmp_path / "ev" / "results.json"), str(tmp_path / "ev" / "results.csv")]
+    try:
+        import matplotlib  # noqa: F401
+        assert written[2:] == [str(tmp_path / "ev" / "lowshot.png")] and out.rstrip().endswith("lowshot.png")
+    except ImportError:
+        assert len(written) == 2 and "pip install matplotlib" in out
 
 
 # =====================================================================================================================
