@@ -39,13 +39,10 @@ from PIL import Image
 import pgnm
 
 MODALITIES = ("CT", "MR", "US")
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMG_EXTENSIONS = pgnm.IMG_EXTENSIONS         # one list of readable image files for the trainer and this tool
+UserError = pgnm.UserError                   # one class, caught by every CLI of the project
 SPLITS = ("train", "val", "test")
 CSV_NAMES = {s: f"RadiologyAI_{s}.csv" for s in SPLITS}
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, no traceback."""
 
 
 # =====================================================================================================================
@@ -74,6 +71,9 @@ def _shifts(a: np.ndarray, r: int, fn, pad_mode="edge") -> np.ndarray:
     return out
 
 
+# PIL's ImageFilter.MinFilter / MaxFilter(2r+1) give exactly these results (the tests use them as the oracle), but
+# they sort every window: ~100x slower on a 224 x 224 frame (5 ms vs 0.05 ms for r = 1), and refinement calls these
+# dozens of times per frame. The separable numpy version stays.
 def erode(a, r):
     return _shifts(a, r, np.minimum)
 
@@ -355,9 +355,10 @@ def target_counts(n: int, ratios: Sequence[float]) -> list[int]:
     return counts
 
 
-def stratified_split(items: dict[str, str], hashes: dict[str, str], ratios: Sequence[float], seed: int) -> dict[str, str]:
+def split_by_class(items: dict[str, str], hashes: dict[str, str], ratios: Sequence[float], seed: int) -> dict[str, str]:
     """{rel: split}: per class, a seeded shuffle of its duplicate groups, each group given to the split furthest below
-    its target count. Exact duplicates (same hash) always share a split, also across classes."""
+    its target count. Exact duplicates (same hash) always share a split, also across classes. (Unlike
+    pgnm.stratified_split, which cuts an array of labels into index parts and knows nothing of duplicates.)"""
     groups: dict[str, list[str]] = {}
     for rel in sorted(items):
         groups.setdefault(hashes[rel], []).append(rel)
@@ -537,7 +538,7 @@ def refine(data_path: str, output_dir: str, split_csv_dir: str | None = None, co
         split_of = {r: listed[r] for r in usable}
         mode = "csv"
     else:
-        split_of = stratified_split(usable, hashes, ratios, seed)
+        split_of = split_by_class(usable, hashes, ratios, seed)
         mode = "stratified"
     straddling = [g for g in duplicates if len({split_of[r] for r in g}) > 1]
 

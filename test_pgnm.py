@@ -1267,6 +1267,15 @@ def test_refine_split_is_stratified_and_seeded(raw_tree, refined, tmp_path):
     assert not os.path.exists(tmp_path / "again")                              # --dry-run writes nothing
 
 
+def test_erode_and_dilate_equal_pils_min_and_max_filters():
+    from PIL import ImageFilter
+    a = np.random.default_rng(0).integers(0, 256, (37, 53)).astype(np.uint8)
+    for r in (1, 2, 4):
+        pil = Image.fromarray(a)
+        assert np.array_equal(rr.erode(a, r), np.asarray(pil.filter(ImageFilter.MinFilter(2 * r + 1))))
+        assert np.array_equal(rr.dilate(a, r), np.asarray(pil.filter(ImageFilter.MaxFilter(2 * r + 1))))
+
+
 def test_target_counts():
     assert rr.target_counts(10, (0.8, 0.1, 0.1)) == [8, 1, 1]
     assert rr.target_counts(12, (0.8, 0.1, 0.1)) == [10, 1, 1]
