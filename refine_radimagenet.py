@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
 import zlib
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 import pgnm
 
@@ -46,8 +45,14 @@ CSV_NAMES = {s: f"RadiologyAI_{s}.csv" for s in SPLITS}
 
 
 # =====================================================================================================================
-#  Images: decoding to 8 bits, artifact detection and filling (numpy + PIL only)
+#  Images: decoding, morphology, the fan, artifact detection and filling (numpy + PIL only)
 # =====================================================================================================================
+# An ultrasound frame as RadImageNet stores it: the scanner's image area (the "fan": a sector or a rectangle of
+# tissue) on a black margin, both carrying burned-in annotation, the whole frame resized to 224 x 224. Detection
+# works in three places: colour anywhere (Doppler, overlays, colour bars); anything non-black in the margin (text,
+# rulers, markers, logos); inside the fan, thin bright structures that speckle and anatomy do not make: long straight
+# lines (ROI boxes, rulers), rows of dots between two marks (calipers), dense rows of strokes (text), small crosses.
+# The fan is estimated from each image: real frames differ in probe, depth and layout.
 
 
 def read_image(path: str) -> Image.Image:
@@ -82,86 +87,441 @@ def dilate(a, r):
     return _shifts(a, r, np.maximum)
 
 
-def close_1d(mask: np.ndarray, r: int, axis: int) -> np.ndarray:
-    """Morphological closing along one axis: fills gaps of up to 2r pixels between mask pixels in a row/column."""
-    a = np.moveaxis(mask, axis, 0)
-    n = a.shape[0]
-    p = np.pad(a, ((r, r), (0, 0)))
-    grown = p.copy()
-    for d in range(1, r + 1):
-        grown[:-d] |= p[d:]
-        grown[d:] |= p[:-d]
-    shrunk = grown.copy()
-    for d in range(1, r + 1):
-        shrunk[:-d] &= grown[d:]
-        shrunk[d:] &= grown[:-d]
-    return np.moveaxis(shrunk[r:r + n] | a, 0, axis)
+def grow_mask(mask: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation by a (2r+1)^2 square."""
+    return dilate(mask.astype(np.uint8), r).astype(bool) if r > 0 else mask
 
 
-def neighbour_count(mask: np.ndarray) -> np.ndarray:
-    """How many of the 8 neighbours of each pixel are in the mask."""
-    return _shifts(mask.astype(np.int32), 1, np.add, pad_mode="constant").astype(np.int32) - mask
+def box_mean(a: np.ndarray, r: int) -> np.ndarray:
+    """Mean over the (2r+1)^2 window (edge padding), by cumulative sums."""
+    k = 2 * r + 1
+    c = np.cumsum(np.cumsum(np.pad(np.asarray(a, np.float64), r, mode="edge"), 0), 1)
+    c = np.pad(c, ((1, 0), (1, 0)))
+    h, w = np.shape(a)
+    return (c[k:k + h, k:k + w] - c[:h, k:k + w] - c[k:k + h, :w] + c[:h, :w]) / (k * k)
 
 
-@dataclass
+def shift(a: np.ndarray, dy: int, dx: int, fill=0) -> np.ndarray:
+    """out[y, x] = a[y + dy, x + dx], `fill` where that falls outside."""
+    h, w = a.shape
+    out = np.full_like(a, fill)
+    if abs(dy) >= h or abs(dx) >= w:
+        return out
+    sy, ty = (slice(dy, h), slice(0, h - dy)) if dy >= 0 else (slice(0, h + dy), slice(-dy, h))
+    sx, tx = (slice(dx, w), slice(0, w - dx)) if dx >= 0 else (slice(0, w + dx), slice(-dx, w))
+    out[ty, tx] = a[sy, sx]
+    return out
+
+
+def run_mean(a: np.ndarray, dy: int, dx: int, k0: int, k1: int) -> np.ndarray:
+    """Mean of a over the pixels p + k * (dy, dx), k0 <= k <= k1 (0 outside the frame); along rows and columns by
+    cumulative sums."""
+    if (abs(dy), abs(dx)) not in ((0, 1), (1, 0)):
+        return sum(shift(a, k * dy, k * dx) for k in range(k0, k1 + 1)) / (k1 - k0 + 1)
+    axis, sgn = (1, dx) if dy == 0 else (0, dy)
+    if sgn < 0:
+        k0, k1 = -k1, -k0
+    n = a.shape[axis]
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (max(0, -k0) + 1, max(0, k1))
+    c = np.cumsum(np.pad(np.asarray(a, np.float64), pad), axis=axis)
+    lo = np.arange(n) + k0 + pad[axis][0] - 1
+    hi = np.arange(n) + k1 + pad[axis][0]
+    return (np.take(c, hi, axis=axis) - np.take(c, lo, axis=axis)) / (k1 - k0 + 1)
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a boolean mask: (labels, 0 = background, 1..n; n), by label propagation over
+    neighbour pairs with pointer jumping."""
+    flat = np.pad(mask, 1).ravel()
+    w = mask.shape[1] + 2
+    idx = np.flatnonzero(flat)
+    labels = np.zeros(mask.shape, np.int32)
+    if not idx.size:
+        return labels, 0
+    src = np.concatenate([idx[flat[idx + off]] for off in (1, w - 1, w, w + 1)])
+    dst = np.concatenate([idx[flat[idx + off]] + off for off in (1, w - 1, w, w + 1)])
+    root = np.arange(flat.size)
+    while True:
+        a, b = root[src], root[dst]
+        differ = a != b
+        if not differ.any():
+            break
+        low = np.minimum(a[differ], b[differ])
+        np.minimum.at(root, a[differ], low)
+        np.minimum.at(root, b[differ], low)
+        while True:                                       # pointer jumping: every pixel points at its root
+            nxt = root[root]
+            if np.array_equal(nxt, root):
+                break
+            root = nxt
+    _, inv = np.unique(root[idx], return_inverse=True)
+    out = np.zeros(flat.size, np.int32)
+    out[idx] = inv.ravel() + 1
+    return out.reshape(mask.shape[0] + 2, w)[1:-1, 1:-1], int(inv.max()) + 1
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """mask plus every part of ~mask not 4-connected to the frame's border (flood fill by runs along rows and columns,
+    alternately, until nothing changes)."""
+    free = ~mask
+    outside = np.zeros_like(mask)
+    outside[[0, -1], :] = free[[0, -1], :]
+    outside[:, [0, -1]] = free[:, [0, -1]]
+    while True:
+        before = int(outside.sum())
+        for f, o in ((free, outside), (free.T, outside.T)):
+            run = np.cumsum(np.diff(f.astype(np.int8), axis=1, prepend=0) == 1, axis=1) + \
+                np.arange(f.shape[0])[:, None] * f.shape[1]
+            hit = np.bincount(run[f & o], minlength=run.max() + 1) > 0
+            o[...] = f & hit[run]
+        if int(outside.sum()) == before:
+            return ~outside
+
+
+def convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The filled convex hull of a boolean mask (monotone chain over each row's two end pixels, drawn by PIL)."""
+    rows = np.flatnonzero(mask.any(1))
+    if rows.size == 0:
+        return mask.copy()
+    left = mask[rows].argmax(1)
+    right = mask.shape[1] - 1 - mask[rows, ::-1].argmax(1)
+    pts = sorted(set(zip(left.tolist(), rows.tolist())) | set(zip(right.tolist(), rows.tolist())))
+
+    def half(points):
+        out = []
+        for p in points:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+    poly = half(pts)[:-1] + half(pts[::-1])[:-1]
+    im = Image.new("1", (mask.shape[1], mask.shape[0]), 0)
+    ImageDraw.Draw(im).polygon(poly or pts, fill=1, outline=1)
+    return np.asarray(im, bool)
+
+
+@dataclass(frozen=True)
 class CleanParams:
-    colour_threshold: int = 30      # max(R,G,B) - min(R,G,B) above this is a colour pixel (overlay, Doppler, bar)
-    text_level: int = 235           # burned-in annotation is near white ...
-    text_contrast: int = 80         # ... and this much brighter than its surroundings (white top-hat)
-    text_width: int = 3             # ... and thinner than 2 * text_width + 1 pixels (the top-hat's window)
-    bar_gap: int = 8                # close colour gaps up to 2 * bar_gap px along rows/columns (a bar's dark middle)
-    halo: int = 1                   # grow the mask by this many pixels: anti-aliased and compressed edges
+    """Thresholds of ultrasound cleaning. Grey levels are 0..255; "contrast" is in units of the local speckle's
+    standard deviation (z = (grey - local mean) / local std); lengths are pixels of the stored (224 x 224) frame."""
+    colour_threshold: int = 24          # max(R,G,B) - min(R,G,B) above this is colour: Doppler, overlays, colour bars
+    black_level: int = 14               # the margin is at most this bright; anything brighter there is annotation
+    fan_open: int = 4                   # opening radius (px) that cuts margin annotation off the fan
+    fan_min_area: float = 0.02          # a fan covers at least this fraction of the frame
+    local_radius: int = 7               # window radius (px) of the local speckle mean and std
+    min_std: float = 6.0                # floor of the local std (grey levels), for flat and black regions
+    near_field: int = 6                 # rows under the fan's top edge (skin line) where no line, dot or cross is sought
+    text_near_field: int = 8            # ... nor text
+    line_half: int = 16                 # ROI boxes, rulers: straight lines of at least 2 * line_half + 1 px, ...
+    line_contrast: float = 1.0          # ... 1-2 px wide, this much brighter than both sides in each third of them
+    caliper_peak: float = 2.5           # calipers: two marks (peaks above this contrast) at least ...
+    caliper_min_length: int = 20        # ... this far apart, joined by dots or a line whose every fifth is ...
+    caliper_contrast: float = 1.1       # ... this much brighter (3 x 3 maxima) than the parallels 3 px to either side
+    text_bright: float = 1.0            # text: pixels above this contrast ...
+    text_fill: tuple = (0.35, 0.30)     # ... fill this fraction of a 15 x 5 window (seed, extension) ...
+    text_edges: tuple = (7.0, 6.0)      # ... with this many bright/dark alternations per 15 px row (seed, extension)
+    cross_peak: float = 2.8             # + and x marks: a peak above this contrast ...
+    cross_arms: float = 1.6             # ... whose two arms outshine the directions 45+ degrees from both by this
+    stroke_contrast: float = 2.5        # short vertical strokes (5 px) this much brighter than both sides
+    grow_contrast: float = 1.0          # a detection takes in the pixels above this contrast ...
+    grow_steps: int = 3                 # ... within this many px
+    halo: int = 1                       # finally the mask grows by this many px (anti-aliased, resampled edges)
 
 
-def detect_artifacts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> np.ndarray:
-    """Pixels to replace in an ultrasound frame (H, W, 3) uint8: colour pixels, plus near-white thin structures much
-    brighter than their neighbourhood (text, calipers, markers) that are not isolated specks (speckle).   -> (H, W)"""
+def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.ndarray, np.ndarray]:
+    """(fan, hull): the scanner's image area, from the frame itself. Non-black pixels, opened (annotation in the
+    margin is thinner than the opening), holes filled (anechoic regions), then grown back along non-black pixels
+    that lie within fan_open + 2 px of the opened area's convex hull (corners the opening rounded off, tissue rims
+    around anechoic regions at the edge) -- but not into annotation separated from the fan by black."""
+    nonblack = grey > p.black_level
+    core = grow_mask(erode(nonblack.astype(np.uint8), p.fan_open).astype(bool), p.fan_open)
+    step = 4                                               # components are labelled on a 4x coarser grid: speed
+    small, n = label_components(core[::step, ::step])
+    hull = np.zeros_like(core)
+    area = np.bincount(small.ravel(), minlength=n + 1)
+    for k in np.flatnonzero(area[1:] * step * step >= p.fan_min_area * core.size) + 1:
+        part = np.kron(small == k, np.ones((step, step), bool))[:core.shape[0], :core.shape[1]]
+        hull |= convex_hull(core & grow_mask(part, step))
+    fan = fill_holes(core)
+    within = grow_mask(hull, p.fan_open + 2) & nonblack
+    while True:
+        grown = fan | (grow_mask(fan, 1) & within)
+        if np.array_equal(grown, fan):
+            return fan, hull
+        fan = grown
+
+
+def local_contrast(grey: np.ndarray, tissue: np.ndarray, p: CleanParams = CleanParams()) -> np.ndarray:
+    """z = (grey - local mean) / local std over tissue pixels in a (2r+1)^2 window; a second pass leaves out pixels
+    more than 1.5 std from the first mean (annotation, specular reflections, anechoic neighbours) and rescales the
+    truncated std (x 1/0.74, the std of a normal truncated at +-1.5)."""
+    g = grey.astype(np.float64)
+    w = tissue.astype(np.float64)
+    r = p.local_radius
+    n = np.maximum(box_mean(w, r), 1e-6)
+    m = box_mean(g * w, r) / n
+    s = np.sqrt(np.maximum(box_mean(g * g * w, r) / n - m * m, 0))
+    w2 = w * (np.abs(g - m) <= 1.5 * s + 1e-9)
+    n2 = box_mean(w2, r)
+    few = n2 < 0.1
+    n2 = np.maximum(n2, 1e-6)
+    m2 = box_mean(g * w2, r) / n2
+    s2 = np.sqrt(np.maximum(box_mean(g * g * w2, r) / n2 - m2 * m2, 0)) / 0.74
+    return (g - np.where(few, m, m2)) / np.maximum(np.where(few, s, s2), p.min_std)
+
+
+def below_top(fan: np.ndarray, rows: int) -> np.ndarray:
+    """Fan pixels at least `rows` below the fan's first row in their column (outside the near field)."""
+    first = np.where(fan.any(0), fan.argmax(0), fan.shape[0])
+    return fan & (np.arange(fan.shape[0])[:, None] >= first[None, :] + rows)
+
+
+def thin_ridge(z: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """How much brighter each pixel is than both pixels just outside a 1-2 px band through it, across (ny, nx)."""
+    s = {k: shift(z, k * ny, k * nx, 9.0) for k in (-2, -1, 1, 2)}
+    return np.maximum(z - np.maximum(s[-1], s[2]), z - np.maximum(s[-2], s[1]))
+
+
+def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarray:
+    """Horizontal and vertical lines (ROI boxes, rulers): a thin ridge whose mean over each third of a
+    2 * line_half + 1 px run is above line_contrast and at least half of the other thirds'. Known annotation
+    (margin, colour) continues a line; outside the fan and in the near field, samples count as bright (no ridge
+    along the fan's own border) except in the ring the opening took off (rulers that touch the fan)."""
+    half, third = p.line_half, (2 * p.line_half + 1) // 3
+    suppress = ~below_top(fan, p.near_field)
+    ring = fan & ~grow_mask(hull, 1)
+    out = np.zeros(z.shape, bool)
+    for (ny, nx), (dy, dx) in (((1, 0), (0, 1)), ((0, 1), (1, 0))):
+        r_fan = np.where(ring, thin_ridge(z, ny, nx), thin_ridge(np.where(suppress, 9.0, z), ny, nx)) * fan
+        r = np.where(known, 3.0, r_fan)
+        parts = [run_mean(r, dy, dx, -half, -half + third - 1), run_mean(r_fan, dy, dx, -half + third, half - third),
+                 run_mean(r, dy, dx, half - third + 1, half)]
+        lo, hi = np.minimum.reduce(parts), np.maximum.reduce(parts)
+        hit = (lo > p.line_contrast) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
+        on = r_fan > 0.3
+        for sgn in (1, -1):                               # extend along the line through contiguous ridge pixels
+            cur = hit
+            for _ in range(half):
+                cur = shift(cur, sgn * dy, sgn * dx, False) & on
+                out |= cur
+        out |= hit
+    return out & fan
+
+
+def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the 3 x 3 local maxima of z above t."""
+    return np.nonzero((z >= dilate(z, 1)) & (z > t) & valid)
+
+
+def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
+    """Dotted (or solid) straight segments between two strong peaks: calipers and the like. Each fifth of the segment
+    must average caliper_contrast above the parallel segments 3 px to either side."""
+    ys, xs = peaks(z, valid, p.caliper_peak)
+    order = np.argsort(z[ys, xs])[::-1][:max_peaks]
+    ys, xs = ys[order], xs[order]
+    i, j = np.triu_indices(len(ys), 1)
+    dy, dx = (ys[j] - ys[i]).astype(float), (xs[j] - xs[i]).astype(float)
+    length = np.hypot(dy, dx)
+    keep = length >= p.caliper_min_length
+    i, j, dy, dx, length = i[keep], j[keep], dy[keep], dx[keep], length[keep]
+    out = np.zeros(z.shape, bool)
+    if not len(i):
+        return out
+    h, w = z.shape
+    zv = np.where(valid, dilate(z, 1), np.nan)          # 3 x 3 maxima: a row of 1 px dots reads as a dashed line
+
+    def along(sel, t, oy=0.0, ox=0.0):
+        py = np.round(ys[i[sel]][:, None] + dy[sel][:, None] * t + oy).astype(int)
+        px = np.round(xs[i[sel]][:, None] + dx[sel][:, None] * t + ox).astype(int)
+        inside = (py >= 0) & (py < h) & (px >= 0) & (px < w)
+        v = np.where(inside, zv[np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)], np.nan)
+        return np.where(np.isfinite(v), v, 0.0), np.isfinite(v)
+
+    def mean(v, ok):
+        return v.sum(1) / np.maximum(ok.sum(1), 1)
+    coarse, ok = along(np.arange(len(i)), np.linspace(0.05, 0.95, 10))   # a cheap first look at every pair
+    cand = np.flatnonzero(mean(coarse, ok) > p.caliper_contrast)
+    t = np.linspace(0.03, 0.97, 40)
+    ny, nx = (3 * dx / length)[cand][:, None], (-3 * dy / length)[cand][:, None]
+    on, ok = along(cand, t)
+    fifths = [mean(on[:, k * 8:(k + 1) * 8], ok[:, k * 8:(k + 1) * 8]) for k in range(5)]
+    side = np.maximum(mean(*along(cand, t, ny, nx)), mean(*along(cand, t, -ny, -nx)))
+    lo = np.minimum.reduce(fifths) if cand.size else np.zeros(0)
+    good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)] \
+        if cand.size else cand
+    for a in good:                                        # paint, trimming ends that the row of dots does not reach
+        s = np.linspace(0, 1, int(length[a]) + 1)
+        sy, sx = (3 * dx[a] / length[a], -3 * dy[a] / length[a])
+        on, ok = along(np.array([a]), s)
+        side = np.maximum(along(np.array([a]), s, sy, sx)[0], along(np.array([a]), s, -sy, -sx)[0])
+        local = np.convolve((on - side)[0] * ok[0], np.ones(7) / 7, mode="same")
+        kept = np.flatnonzero(local > p.caliper_contrast / 2)
+        if kept.size:
+            s = s[kept[0]:kept[-1] + 1]
+            out[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)] = True
+    return out | (grow_mask(out, 1) & (z > p.caliper_peak - 0.5) & valid)
+
+
+TEXT_GROUND = 0.2                       # mean contrast of the non-bright pixels among letters: plain tissue
+
+
+def text_rows(z, valid, p: CleanParams = CleanParams(), hw: int = 7, hh: int = 2) -> np.ndarray:
+    """Burned-in text over tissue: windows of (2hw+1) x (2hh+1) px where bright pixels are dense and alternate with
+    dark ones along the rows (letters); speckle is sparser and smoother, a specular reflection a single run."""
+    bright = (z > p.text_bright) & valid
+    edges = np.zeros(z.shape)
+    edges[:, 1:] = bright[:, 1:] != bright[:, :-1]
+    window = lambda a: run_mean(run_mean(a.astype(np.float64), 0, 1, -hw, hw), 1, 0, -hh, hh)  # noqa: E731
+    fill, alternations = window(bright), window(edges) * (2 * hw + 1)
+    dim = (z <= p.text_bright) & valid
+    between = window(np.where(dim, z, 0.0)) / np.maximum(window(dim), 1e-6)    # letters stand on plain tissue
+    seed = (fill > p.text_fill[0]) & (alternations > p.text_edges[0]) & (between < TEXT_GROUND) & valid
+    if not seed.any():
+        return seed
+    region = grow_within(seed, (fill > p.text_fill[1]) & (alternations > p.text_edges[1]) & valid, 20)
+    core = region
+    for _ in range(hh):
+        core = core | shift(core, 1, 0, False) | shift(core, -1, 0, False)
+    for _ in range(hw // 2 + 1):                          # window centres lie inside the word: reach its ends
+        core = core | ((shift(core, 0, 1, False) | shift(core, 0, -1, False)) & (z > p.text_bright))
+    return core & (z > 0.5) & valid
+
+
+def grow_within(seed: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray:
+    """Geodesic dilation of seed inside `allowed`, `steps` times."""
+    m = seed & allowed
+    for _ in range(steps):
+        m = grow_mask(m, 1) & allowed
+    return m
+
+
+MARK_ARMS = ((0, 4), (2, 6), (3, 5))   # arm pairs of cross marks, in steps of 22.5 degrees: +, x, x squeezed by the
+                                        # 4:3 -> 1:1 resize
+
+
+def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
+    """Cross marks (+, x: a peak whose two arms outshine every direction 45 degrees or more from both) and short
+    vertical strokes (speckle and specular reflections run across the beam, i.e. mostly horizontally)."""
+    zv = np.where(valid, z, 0.0)
+    arms = []
+    for k in range(8):
+        offs = {(int(round(j * np.sin(np.pi * k / 8))), int(round(j * np.cos(np.pi * k / 8)))) for j in (-2, -1, 1, 2)}
+        arms.append(sum(shift(zv, oy, ox) for oy, ox in offs) / len(offs))
+    gap = lambda a, b: min(abs(a - b), 8 - abs(a - b))  # noqa: E731
+    cross = np.full(z.shape, -np.inf)
+    for a, b in MARK_ARMS:
+        others = np.maximum.reduce([arms[c] for c in range(8) if gap(c, a) >= 2 and gap(c, b) >= 2])
+        cross = np.maximum(cross, np.minimum(arms[a], arms[b]) - others)
+    vertical = run_mean(thin_ridge(np.where(valid, z, 9.0), 0, 1) * valid, 1, 0, -2, 2)
+    seeds = ((cross > p.cross_arms) & (z > p.cross_peak)) | (vertical > p.stroke_contrast)
+    return grow_within(seeds & valid, (z > p.grow_contrast) & valid, p.grow_steps)
+
+
+def detect_artifacts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of pixels to replace, tissue region for the fill) of an ultrasound frame (H, W, 3) uint8."""
     x = rgb.astype(np.int16)
     colour = (x.max(2) - x.min(2)) > p.colour_threshold
-    if p.bar_gap and colour.any():
-        colour = close_1d(colour, p.bar_gap, 0) | close_1d(colour, p.bar_gap, 1)
-    grey = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.int16)
-    opened = dilate(erode(grey, p.text_width), p.text_width)          # bright structures thinner than the window go
-    bright = (grey >= p.text_level) & ((grey - opened) >= p.text_contrast)
-    bright &= neighbour_count(bright) >= 1                           # strokes and lines, not single speckle grains
-    mask = colour | bright
-    return dilate(mask.astype(np.uint8), p.halo).astype(bool) if p.halo and mask.any() else mask
+    grey = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float64)
+    fan, hull = estimate_fan(grey, p)
+    margin = ~fan & (grey > p.black_level)
+    tissue = fan & ~colour
+    z = local_contrast(grey, tissue, p)
+    inner = below_top(tissue, p.near_field)
+    mask = colour | margin | axis_lines(z, tissue, hull, margin | colour, p) | caliper_lines(z, inner, p) | \
+        text_rows(z, below_top(tissue, p.text_near_field), p) | small_marks(z, inner, p)
+    return grow_mask(mask, p.halo), fan & grow_mask(hull, 1)
 
 
-def inpaint(grey: np.ndarray, mask: np.ndarray, smooth_iters: int = 60) -> np.ndarray:
-    """Fill masked pixels from the surrounding tissue: onion peeling (each ring takes the mean of its known 8-neighbours)
-    then harmonic smoothing inside the mask (boundary fixed). Unmasked pixels are returned unchanged.   -> uint8"""
-    out = grey.astype(np.float64)
-    known = ~mask
-    if not mask.any():
-        return grey.copy()
-    if not known.any():
-        return np.zeros_like(grey)
-    out[mask] = 0.0
-    todo = mask.copy()
-    while todo.any():
-        s = _shifts(out * known, 1, np.add, pad_mode="constant")
-        c = _shifts(known.astype(np.float64), 1, np.add, pad_mode="constant")
-        ring = todo & (c > 0)
-        out[ring] = s[ring] / c[ring]
-        known = known | ring
-        todo &= ~ring
-    for _ in range(smooth_iters):
-        p = np.pad(out, 1, mode="edge")
-        avg = (p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:]) / 4
-        out[mask] = avg[mask]
-    res = grey.copy()
-    res[mask] = np.clip(np.round(out[mask]), 0, 255).astype(np.uint8)
-    return res
+def _fill_offsets(radii=(3, 4, 5, 7, 9, 12, 16, 21, 28, 37, 49, 64, 85), angles: int = 16) -> list[tuple[int, int]]:
+    """Source offsets for texture, nearest first."""
+    out = []
+    for r in radii:
+        for k in range(angles):
+            o = (int(round(r * np.sin(2 * np.pi * k / angles))), int(round(r * np.cos(2 * np.pi * k / angles))))
+            if o not in out:
+                out.append(o)
+    return out
+
+
+FILL_OFFSETS = _fill_offsets()
+FILL_BASE_RADII = (4, 8, 16, 32, 64)     # local-mean windows (px), widened until the window holds known pixels
+FILL_MAX_RATIO = 2.5                     # source pixels brighter than this many times their local mean (specular
+                                         # reflections) are not copied, ...
+FILL_MAX_LOG_STEP = np.log(1.5)          # ... nor sources whose local mean differs from the target's by over x1.5
+FILL_TILE = 8                            # texture is copied in blocks of this many px square where it can be
+
+
+def local_base(grey: np.ndarray, known: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """Smooth local mean of the known pixels (normalised box filter) at the `need` pixels, the window widened where it
+    holds no known pixel (0 where even the widest holds none)."""
+    g, k = grey.astype(np.float64), known.astype(np.float64)
+    base = np.full(grey.shape, np.nan)
+    for r in FILL_BASE_RADII:
+        n = box_mean(k, r)
+        undefined = np.isnan(base) & (n > 1e-9)
+        base[undefined] = (box_mean(g * k, r)[undefined]) / n[undefined]
+        if not np.isnan(base[need]).any():
+            break
+    return np.nan_to_num(base, nan=0.0)
+
+
+def _copy_texture(ys, xs, base, ratio, source, tile) -> np.ndarray:
+    """Speckle ratios for the pixels (ys, xs): for each tile x tile block, the nearest offset valid for at least 90% of
+    its pixels (coherent patches keep the grain), then per pixel for the rest. A source is valid where it is clean
+    tissue whose local mean is within x1.5 of the target's. 1.0 where no offset fits."""
+    h, w = base.shape
+    out = np.ones(len(ys))
+    free = np.ones(len(ys), bool)
+    block = (ys // tile) * (w // tile + 1) + xs // tile if tile else np.arange(len(ys))
+    open_block = np.ones(block.max() + 1, bool)
+    for oy, ox in FILL_OFFSETS:
+        k = np.flatnonzero(free & open_block[block])
+        if not k.size:
+            break
+        qy, qx = np.clip(ys[k] + oy, 0, h - 1), np.clip(xs[k] + ox, 0, w - 1)
+        ok = source[qy, qx] & (qy == ys[k] + oy) & (qx == xs[k] + ox) & \
+            (np.abs(np.log((base[qy, qx] + 1) / (base[ys[k], xs[k]] + 1))) < FILL_MAX_LOG_STEP)
+        share = np.bincount(block[k], ok, minlength=len(open_block)) / np.maximum(
+            np.bincount(block[k], minlength=len(open_block)), 1)
+        take = ok & (share[block[k]] >= 0.9)
+        out[k[take]] = ratio[qy[take], qx[take]]
+        free[k[take]] = False
+        open_block[np.unique(block[k[take]])] = False
+    return out, free
+
+
+def fill_artifacts(grey: np.ndarray, mask: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """Replace the masked pixels: inside the tissue by its local mean times speckle copied from nearby unmasked tissue
+    (nearest clean sources of a similar local mean, in coherent blocks: grain, contrast and mean follow the
+    surroundings); in the margin by the margin's local mean (black stays black). Unmasked pixels are returned
+    unchanged.   -> uint8"""
+    out = grey.astype(np.float64).copy()
+    margin = mask & ~tissue
+    if margin.any():
+        out[margin] = local_base(grey, ~tissue & ~mask, margin)[margin]
+    todo = mask & tissue
+    if todo.any():
+        known = tissue & ~mask
+        base = local_base(grey, known, todo | known)
+        ratio = np.where(base > 0.5, grey / np.maximum(base, 0.5), 1.0)
+        source = known & ~grow_mask(mask, 1) & (ratio < FILL_MAX_RATIO)
+        ys, xs = np.nonzero(todo)
+        speckle, free = _copy_texture(ys, xs, base, ratio, source, FILL_TILE)
+        if free.any():
+            speckle[free] = _copy_texture(ys[free], xs[free], base, ratio, source, 0)[0]
+        out[ys, xs] = base[ys, xs] * speckle
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def clean_ultrasound(img: Image.Image, p: CleanParams = CleanParams()) -> tuple[Image.Image, int]:
     """Remove colour and burned-in annotation from an ultrasound frame; returns (8-bit greyscale image, pixels
     replaced). Pixels outside the detected artifacts (and their `halo`) keep their grey value."""
     rgb = np.asarray(img.convert("RGB"))
+    mask, tissue = detect_artifacts(rgb, p)
     grey = np.asarray(img.convert("L"))
-    mask = detect_artifacts(rgb, p)
-    return Image.fromarray(inpaint(grey, mask), mode="L"), int(mask.sum())
+    return Image.fromarray(fill_artifacts(grey, mask, tissue), mode="L"), int(mask.sum())
 
 
 def apply_correction_mask(img: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -183,62 +543,303 @@ def apply_correction_mask(img: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(out, mode="RGB")
 
 
-# --- synthetic ultrasound with known artifacts: --make-demo, and the tests' ground truth ----------------------------
+# =====================================================================================================================
+#  Synthetic scanner frames: --make-demo, --demo-report and the tests' ground truth
+# =====================================================================================================================
+# What a scanner renders, at scanner resolution, then resized to 224 x 224 as RadImageNet stores it: a sector
+# (convex probe, apex above the frame) or a rectangle (linear probe) of speckled tissue with layers, cysts, nodes
+# and bright specular reflections (anatomy: they must survive), on a black margin; burned-in anti-aliased text of
+# several sizes and grey levels in the margin and over tissue, a depth ruler with ticks, calipers (+ marks joined by
+# a dotted line), single +, x and arrow marks, ROI boxes, colour Doppler with a colour bar, colourful segmentations.
+# The clean frame is resized the same way: the truth against which removal and damage are measured. (pgnm.py's
+# built-in ultrasound class is a different, 64 px toy; nothing here is shared with it.)
 
-def demo_ultrasound(size: int, rng: np.random.Generator) -> np.ndarray:
-    """A clean ultrasound-like frame (size x size uint8): smooth speckle texture inside a fan, black outside."""
-    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1
-    r, ang = np.hypot(xx, yy + 1.15), np.arctan2(xx, yy + 1.15)
-    fan = (np.abs(ang) < 0.75) & (r > 0.35) & (r < 2.05)
-    tissue = 0.45 + 0.15 * np.sin(3 * xx + rng.uniform(0, 6)) * np.cos(2 * yy + rng.uniform(0, 6))
-    speckle = rng.gamma(4.0, 0.25, (size, size))
-    k = np.exp(-0.5 * (np.arange(-6, 7) / 2.0) ** 2)
-    k /= k.sum()
-    speckle = np.apply_along_axis(lambda v: np.convolve(v, k, "same"), 0, speckle)
-    speckle = np.apply_along_axis(lambda v: np.convolve(v, k, "same"), 1, speckle)
-    img = tissue * speckle / speckle.mean() * fan
-    return np.clip(img * 255, 0, 200).round().astype(np.uint8)
+SCANNER_SIZE = (640, 480)             # (width, height) of a rendered scanner frame, px
+STORE_SIZE = 224                      # RadImageNet's stored size
+RESIZE_FILTERS = (Image.BILINEAR, Image.BICUBIC, Image.LANCZOS)   # one per frame, at random: stores differ
+DEMO_WORDS = ("LYMPH NODE", "THYROID RT", "THYROID LT", "LIVER", "GB", "KIDNEY RT", "OVARY LT", "BREAST", "TRANS",
+              "SAG", "LONG", "CBD", "PANC", "SPLEEN", "BLADDER")
+DEMO_SITES = ("ST MARY HOSPITAL", "RADIOLOGY DEPT", "IMAGING CENTER", "UNIV MED CTR", "WOMENS CLINIC")
+ANNOTATION_KINDS = ("roi", "doppler", "segmentation", "ruler", "calipers", "marks", "text", "tissue_text")
 
 
-def paint_artifacts(grey: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Burn in what appendix A lists: a coloured overlay, text, caliper crosses and a colour bar.
-    Returns the RGB frame and the mask of painted pixels."""
-    h, w = grey.shape
-    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float64)
-    mask = np.zeros((h, w), bool)
-    cy, cx, ry, rx = rng.integers(h // 3, 2 * h // 3), rng.integers(w // 3, 2 * w // 3), h // 12, w // 10
+def _blur(a: np.ndarray, sy: float, sx: float) -> np.ndarray:
+    """Separable Gaussian blur (edge padding)."""
+    for axis, sigma in ((0, sy), (1, sx)):
+        r = max(1, int(3 * sigma + 0.5))
+        k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+        k /= k.sum()
+        b = np.moveaxis(a, axis, 0)
+        pad = np.pad(b, [(r, r)] + [(0, 0)] * (b.ndim - 1), mode="edge")
+        a = np.moveaxis(sum(k[i] * pad[i:i + b.shape[0]] for i in range(2 * r + 1)), 0, axis)
+    return a
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+    """A smooth random field in about [-1, 1]: a coarse grid upsampled bicubically."""
+    grid = rng.uniform(-1, 1, (cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid, "F").resize((shape[1], shape[0]), Image.BICUBIC), np.float64)
+
+
+def draw_text(layer: Image.Image, xy, text: str, size: int, grey: int) -> None:
+    """Anti-aliased text about `size` px high at xy on an RGBA layer: PIL's own font at that size (Pillow >= 10.1 with
+    FreeType), else its small bitmap font scaled up (blurrier, still grey-edged)."""
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError, ImportError, AttributeError):
+        font = None
+    if font is not None:
+        ImageDraw.Draw(layer).text(xy, text, fill=(grey, grey, grey, 255), font=font)
+        return
+    bitmap = ImageFont.load_default()
+    _, _, r, b = ImageDraw.Draw(layer).textbbox((0, 0), text, font=bitmap)
+    small = Image.new("L", (r + 1, b + 1), 0)
+    ImageDraw.Draw(small).text((0, 0), text, fill=255, font=bitmap)
+    f = size / max(b, 1)
+    alpha = small.resize((max(1, int((r + 1) * f)), max(1, int((b + 1) * f))), Image.BILINEAR)
+    ink = Image.new("RGBA", alpha.size, (grey, grey, grey, 255))
+    ink.putalpha(alpha)
+    layer.alpha_composite(ink, (int(xy[0]), int(xy[1])))
+
+
+def _probe(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inside, depth 0..1, beam angle) per frame pixel of a sector or a linear probe's image area."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    if rng.random() < 0.5:                                                # sector, apex above the frame
+        apex_y, cx = rng.uniform(-70, 15), w / 2 + rng.uniform(-15, 15)
+        r_max = rng.uniform(h - 60, h - 30) - apex_y
+        r_min = rng.uniform(45, 80) - min(apex_y, 0) * 0.3
+        half = min(rng.uniform(0.45, 0.65), np.arcsin(min(1.0, (w / 2 - 70) / r_max)))
+        r, ang = np.hypot(xx - cx, yy - apex_y), np.arctan2(xx - cx, yy - apex_y)
+        inside = (np.abs(ang) <= half) & (r >= r_min) & (r <= r_max)
+        return inside, np.clip((r - r_min) / (r_max - r_min), 0, 1), ang
+    half_w, cx = rng.uniform(0.30, 0.36) * w, w / 2 + rng.uniform(-15, 15)
+    y0, y1 = rng.uniform(45, 70), h - rng.uniform(25, 60)
+    inside = (np.abs(xx - cx) <= half_w) & (yy >= y0) & (yy <= y1)
+    return inside, np.clip((yy - y0) / (y1 - y0), 0, 1), np.zeros_like(xx)
+
+
+def _echogenicity(rng: np.random.Generator, inside: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """Tissue brightness 0..1: smooth background, skin and fat layers, 1-3 round structures (anechoic cyst or vessel,
+    hypoechoic node with a bright hilum, hyperechoic nodule), attenuation with depth."""
+    h, w = inside.shape
+    e = rng.uniform(0.32, 0.48) + 0.10 * _smooth_noise(rng, (h, w), 6) + 0.05 * _smooth_noise(rng, (h, w), 14)
+    d = depth + 0.03 * _smooth_noise(rng, (h, w), 5)
+    skin, fat = rng.uniform(0.015, 0.035), rng.uniform(0.03, 0.07)
+    e = np.where(d < skin, rng.uniform(0.55, 0.7), np.where(d < skin + fat, rng.uniform(0.12, 0.25), e))
     yy, xx = np.mgrid[0:h, 0:w]
-    blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1                        # translucent overlay
-    colour = np.array([40.0, 200.0, 60.0]) if rng.random() < 0.5 else np.array([220.0, 60.0, 40.0])
-    rgb[blob] = 0.5 * rgb[blob] + 0.5 * colour
-    mask |= blob
-    for k in range(rng.integers(4, 8)):                                              # text, top left
-        glyph = rng.random((5, 3)) < 0.6
-        glyph[0, 1] = True
-        big = np.kron(glyph, np.ones((2, 2), bool))
-        y0, x0 = 6, 6 + 8 * k
-        region = np.zeros((h, w), bool)
-        region[y0:y0 + 10, x0:x0 + 6] = big
-        rgb[region] = 255
-        mask |= region
-    for _ in range(2):                                                               # caliper crosses
-        y0, x0 = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4)
-        region = np.zeros((h, w), bool)
-        region[y0, x0 - 4:x0 + 5] = True
-        region[y0 - 4:y0 + 5, x0] = True
-        rgb[region] = 250
-        mask |= region
-    bar = np.zeros((h, w), bool)                                                     # colour bar, right edge
-    bar[h // 4:3 * h // 4, w - 12:w - 4] = True
-    t = np.linspace(0, 1, 3 * h // 4 - h // 4)[:, None]
-    rgb[h // 4:3 * h // 4, w - 12:w - 4] = np.stack([255 * t, 128 + 0 * t, 255 * (1 - t)], -1)
-    mask |= bar
-    return np.clip(rgb, 0, 255).round().astype(np.uint8), mask
+    ys, xs = np.nonzero(inside & (depth > 0.25) & (depth < 0.9))
+    soft = lambda q, k: 1 / (1 + np.exp(np.minimum((q - 1) * k, 50)))  # noqa: E731  soft-edged disc
+    for _ in range(rng.integers(1, 4)):
+        i = rng.integers(len(ys))
+        ry, rx = rng.uniform(15, 45), rng.uniform(25, 80)
+        kind = rng.integers(3)
+        disc = soft(((yy - ys[i]) / ry) ** 2 + ((xx - xs[i]) / rx) ** 2, 8)
+        e = e * (1 - disc) + (0.03, rng.uniform(0.12, 0.2), rng.uniform(0.6, 0.75))[kind] * disc
+        if kind == 1 and rng.random() < 0.6:
+            hilum = soft(((yy - ys[i]) / (ry * 0.35)) ** 2 + ((xx - xs[i]) / (rx * 0.5)) ** 2, 6)
+            e = e * (1 - hilum) + 0.6 * hilum
+    return np.clip(e * (1.05 - 0.35 * depth), 0, 1)
 
 
-def make_demo(root: str, per_class: int = 12, seed: int = 0, size: int = 224) -> dict:
+def _speckle(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Fully developed speckle: the envelope of complex Gaussian noise blurred by a point-spread function wider
+    across the beam than along it, compressed, mean 1."""
+    re, im = (_blur(rng.standard_normal(shape), 0.9, 1.7) for _ in range(2))
+    env = np.hypot(re, im) ** 0.45
+    return env / env.mean()
+
+
+def _speculars(rng: np.random.Generator, inside, depth, ang) -> np.ndarray:
+    """2-5 specular reflections (vessel walls, fascia, calcifications): small bright elongated blobs, long axis across
+    the beam."""
+    h, w = inside.shape
+    out = np.zeros((h, w))
+    ys, xs = np.nonzero(inside & (depth > 0.1) & (depth < 0.92))
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(rng.integers(2, 6)):
+        i = rng.integers(len(ys))
+        t = ang[ys[i], xs[i]] + rng.normal(0, 0.2)
+        length, thick = rng.uniform(6, 20), rng.uniform(2.0, 4.0)          # Gaussian sigmas along / across, px
+        u = (xx - xs[i]) * np.cos(t) - (yy - ys[i]) * np.sin(t)
+        v = (xx - xs[i]) * np.sin(t) + (yy - ys[i]) * np.cos(t)
+        out = np.maximum(out, rng.uniform(0.55, 0.85) * np.exp(-0.5 * ((u / length) ** 2 + (v / thick) ** 2)))
+    return out
+
+
+def clean_frame(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """(clean greyscale frame uint8, image area) at scanner resolution."""
+    inside, depth, ang = _probe(rng, w, h)
+    s = _speckle(rng, (h, w))
+    img = _echogenicity(rng, inside, depth) * s * 0.85 + _speculars(rng, inside, depth, ang) * (
+        0.8 + 0.2 * np.minimum(s, 1.5))
+    return np.clip(img * inside * 255, 0, 255).round().astype(np.uint8), inside
+
+
+def _grey(rng: np.random.Generator, lo: int = 120, hi: int = 255) -> tuple[int, int, int, int]:
+    g = int(rng.integers(lo, hi + 1))
+    return g, g, g, 255
+
+
+def _text(layers: dict, rng: np.random.Generator, inside: np.ndarray) -> None:
+    """Institution, patient and time stamp top left; settings top right and bottom left; the study label under the
+    image; 0-2 labels over tissue. Sizes 11-26 px, grey levels 120-255."""
+    w, h = layers["text"].size
+    settings = [f"G{rng.integers(30, 90)} C{rng.integers(1, 9)} A{rng.integers(1, 5)}", f"TIS<{rng.uniform(0.1, 1):.1f}",
+                f"MI {rng.uniform(0.2, 1.4):.1f}", f"FR {rng.integers(8, 60)}Hz", f"DR{rng.integers(40, 80)}",
+                f"L{rng.integers(7, 18)}-{rng.integers(3, 6)}", f"{rng.integers(2, 12)}.{rng.integers(0, 9)}cm"]
+    stamp = (f"{rng.integers(2008, 2020)}/{rng.integers(1, 13):02d}/{rng.integers(1, 29):02d} "
+             f"{rng.integers(0, 24):02d}:{rng.integers(0, 60):02d}:{rng.integers(0, 60):02d}")
+    x, y, size = int(rng.integers(4, 14)), int(rng.integers(2, 8)), int(rng.integers(12, 19))
+    for line in [str(rng.choice(DEMO_SITES)), f"ID {rng.integers(10 ** 6, 10 ** 7)}", stamp][: rng.integers(2, 4)]:
+        draw_text(layers["text"], (x, y), line, size, _grey(rng, 150)[0])
+        y += size + 2
+    size = int(rng.integers(11, 17))
+    for k, line in enumerate(rng.permutation(settings)[: rng.integers(2, 5)]):
+        draw_text(layers["text"], (w - 10 - 7 * len(line) * size // 12, 4 + k * (size + 2)), str(line), size,
+                  _grey(rng)[0])
+    if rng.random() < 0.8:
+        size = int(rng.integers(16, 27))
+        draw_text(layers["text"], (int(rng.integers(w // 4, w // 2)), h - size - int(rng.integers(4, 12))),
+                  str(rng.choice(DEMO_WORDS)), size, _grey(rng, 160)[0])
+    if rng.random() < 0.6:
+        size = int(rng.integers(11, 16))
+        draw_text(layers["text"], (int(rng.integers(4, 20)), h - 2 * size - 16), " ".join(rng.permutation(settings)[:3]),
+                  size, _grey(rng)[0])
+    ys, xs = np.nonzero(inside)
+    for _ in range(rng.integers(0, 3)):
+        i, size = rng.integers(len(ys)), int(rng.integers(14, 23))
+        draw_text(layers["tissue_text"], (min(int(xs[i]), w - 80), min(int(ys[i]), h - 30)),
+                  str(rng.choice(DEMO_WORDS)).split()[0], size, _grey(rng, 170)[0])
+
+
+def _ruler(draw: ImageDraw.ImageDraw, rng: np.random.Generator, inside: np.ndarray) -> None:
+    """A depth ruler beside the image: a 1-2 px line with ticks every 35-60 px, and a focus mark."""
+    cols, rows = np.flatnonzero(inside.any(0)), np.flatnonzero(inside.any(1))
+    x = min(int(cols[-1]) + int(rng.integers(6, 16)), inside.shape[1] - 30)
+    ink, width = _grey(rng, 140), int(rng.integers(1, 3))
+    draw.line([(x, rows[0]), (x, rows[-1])], fill=ink, width=width)
+    for k, y in enumerate(range(int(rows[0]), int(rows[-1]) + 1, int(rng.integers(35, 60)))):
+        draw.line([(x, y), (x + (10 if k % 2 == 0 else 5), y)], fill=ink, width=width)
+    if rng.random() < 0.6:
+        y = int(rng.integers(rows[0] + 40, rows[-1] - 40))
+        draw.polygon([(x - 3, y), (x - 11, y - 5), (x - 11, y + 5)], fill=ink)
+
+
+def _marks(cal: ImageDraw.ImageDraw, draw: ImageDraw.ImageDraw, rng: np.random.Generator, inside) -> None:
+    """0-2 calipers (two + marks joined by a dotted line: 2-3 px dots every 8-12 px) and 0-3 single +, x or arrow
+    marks (1-2 px lines) over tissue."""
+    ys, xs = np.nonzero(inside)
+
+    def spot():
+        i = rng.integers(len(ys))
+        return int(xs[i]), int(ys[i])
+
+    def cross(d, x, y, a, wd, ink, diagonal):
+        arms = ([(x - a, y - a), (x + a, y + a)], [(x - a, y + a), (x + a, y - a)]) if diagonal else \
+            ([(x - a, y), (x + a, y)], [(x, y - a), (x, y + a)])
+        for arm in arms:
+            d.line(arm, fill=ink, width=wd)
+    for _ in range(rng.integers(0, 3)):
+        (x0, y0), (x1, y1) = spot(), spot()
+        ink = _grey(rng, 170)
+        n, dot = int(np.hypot(x1 - x0, y1 - y0) // rng.integers(8, 13)), int(rng.integers(2, 4))
+        for k in range(1, n):
+            cx, cy = x0 + (x1 - x0) * k / n, y0 + (y1 - y0) * k / n
+            cal.rectangle([cx - dot / 2, cy - dot / 2, cx + dot / 2 - 1, cy + dot / 2 - 1], fill=ink)
+        for x, y in ((x0, y0), (x1, y1)):
+            cross(cal, x, y, int(rng.integers(5, 9)), int(rng.integers(1, 3)), ink, False)
+    for _ in range(rng.integers(0, 4)):
+        (x, y), ink = spot(), _grey(rng, 150)
+        a, wd, kind = int(rng.integers(5, 10)), int(rng.integers(1, 3)), rng.integers(3)
+        if kind < 2:
+            cross(draw, x, y, a, wd, ink, kind == 1)
+            continue
+        t, length = rng.uniform(0, 2 * np.pi), rng.uniform(25, 50)
+        draw.line([(x, y), (x + length * np.cos(t), y + length * np.sin(t))], fill=ink, width=wd)
+        draw.polygon([(x, y)] + [(x - 12 * np.cos(t + s), y - 12 * np.sin(t + s)) for s in (2.6, -2.6)], fill=ink)
+
+
+def _roi_and_doppler(layers: dict, rng: np.random.Generator, inside: np.ndarray, doppler: bool) -> None:
+    """An ROI box over tissue (1-2 px grey lines); with Doppler, 1-3 vessels of red / blue flow inside it and a colour
+    bar with its scale at the left edge."""
+    h, w = inside.shape
+    ys, xs = np.nonzero(inside)
+    bw, bh, i = int(rng.integers(100, 240)), int(rng.integers(80, 190)), rng.integers(len(ys))
+    x0 = int(np.clip(xs[i] - bw // 2, xs.min(), xs.max() - bw))
+    y0 = int(np.clip(ys[i] - bh // 2, ys.min(), ys.max() - bh))
+    ink = _grey(rng, 140, 230)
+    if doppler:
+        yy, xx = np.mgrid[0:h, 0:w]
+        flow = np.zeros((h, w))
+        for _ in range(rng.integers(1, 4)):
+            mid = rng.uniform(y0, y0 + bh) + rng.uniform(-0.6, 0.6) * (xx - x0) + rng.uniform(-0.004, 0.004) * (
+                xx - x0) ** 2
+            tube = np.clip(1 - ((yy - mid) / rng.uniform(4, 10)) ** 2, 0, 1) * rng.choice([-1.0, 1.0])
+            flow = np.where(np.abs(tube) > np.abs(flow), tube, flow)
+        flow *= np.clip(1 + 0.5 * rng.standard_normal((h, w)), 0, 2)
+        box = np.zeros((h, w), bool)
+        box[y0:y0 + bh, x0:x0 + bw] = True
+        flow[~box | ~inside | (np.abs(flow) < 0.15)] = 0
+        v, pos = np.clip(np.abs(flow), 0, 1), flow > 0
+        rgba = np.stack([np.where(pos, 120 + 135 * v, 0), np.where(pos, 200 * np.clip(v - 0.7, 0, 1) / 0.3,
+                         255 * np.clip(v - 0.6, 0, 1) / 0.4), np.where(pos, 0, 120 + 135 * v),
+                         np.where(flow != 0, 255, 0)], -1).astype(np.uint8)
+        layers["doppler"].alpha_composite(Image.fromarray(rgba, "RGBA"))
+        bx, by, bar_h = int(rng.integers(6, 20)), int(rng.integers(60, 120)), int(rng.integers(90, 140))
+        t = np.linspace(1, -1, bar_h)[:, None] * np.ones((1, int(rng.integers(8, 14))))
+        bar = np.stack([np.clip(t, 0, 1) * 255, np.clip(np.abs(t) - 0.7, 0, 1) / 0.3 * 220, np.clip(-t, 0, 1) * 255,
+                        np.full_like(t, 255)], -1).astype(np.uint8)
+        layers["doppler"].alpha_composite(Image.fromarray(bar, "RGBA"), (bx, by))
+        draw_text(layers["doppler"], (bx, by - 16), f"+{rng.uniform(5, 40):.1f}", 12, _grey(rng, 160)[0])
+        draw_text(layers["doppler"], (bx, by + bar_h + 3), f"-{rng.uniform(5, 40):.1f}", 12, _grey(rng, 160)[0])
+    ImageDraw.Draw(layers["roi"]).rectangle([x0, y0, x0 + bw, y0 + bh], outline=ink, width=int(rng.integers(1, 3)))
+
+
+def _segmentation(layer: Image.Image, rng: np.random.Generator, inside: np.ndarray) -> None:
+    """A colourful segmentation over a structure: a traced contour or a translucent fill."""
+    ys, xs = np.nonzero(inside)
+    i = rng.integers(len(ys))
+    cy, cx, ry, rx = ys[i], xs[i], rng.uniform(15, 45), rng.uniform(20, 70)
+    colour = [(40, 220, 60), (240, 220, 40), (40, 200, 230), (230, 60, 200)][rng.integers(4)]
+    box = [cx - rx, cy - ry, cx + rx, cy + ry]
+    if rng.random() < 0.5:
+        ImageDraw.Draw(layer).ellipse(box, outline=colour + (255,), width=int(rng.integers(1, 3)))
+    else:
+        ImageDraw.Draw(layer).ellipse(box, fill=colour + (int(rng.integers(90, 160)),))
+
+
+def scanner_frame(rng: np.random.Generator, w: int = SCANNER_SIZE[0], h: int = SCANNER_SIZE[1]):
+    """(raw RGB frame with burned-in annotation, its clean greyscale truth, {kind: alpha of that annotation}) at
+    scanner resolution."""
+    clean, inside = clean_frame(rng, w, h)
+    layers = {k: Image.new("RGBA", (w, h), (0, 0, 0, 0)) for k in ANNOTATION_KINDS}
+    doppler = rng.random() < 0.4
+    if doppler or rng.random() < 0.4:
+        _roi_and_doppler(layers, rng, inside, doppler)
+    if rng.random() < 0.3:
+        _segmentation(layers["segmentation"], rng, inside)
+    if rng.random() < 0.9:
+        _ruler(ImageDraw.Draw(layers["ruler"]), rng, inside)
+    _marks(ImageDraw.Draw(layers["calipers"]), ImageDraw.Draw(layers["marks"]), rng, inside)
+    _text(layers, rng, inside)
+    raw = Image.fromarray(clean).convert("RGBA")
+    for layer in layers.values():
+        raw.alpha_composite(layer)
+    return np.asarray(raw.convert("RGB")), clean, {k: np.asarray(v)[..., 3] for k, v in layers.items()}
+
+
+def stored_frame(rng: np.random.Generator, size: int = STORE_SIZE, scanner: tuple[int, int] = SCANNER_SIZE):
+    """scanner_frame resized to size x size with one of RESIZE_FILTERS: (raw RGB, clean L, {kind: alpha})."""
+    raw, clean, kinds = scanner_frame(rng, *scanner)
+    f = RESIZE_FILTERS[rng.integers(len(RESIZE_FILTERS))]
+    rs = lambda a: np.asarray(Image.fromarray(a).resize((size, size), f))  # noqa: E731
+    return rs(raw), rs(clean), {k: rs(v) for k, v in kinds.items()}
+
+
+def make_demo(root: str, per_class: int = 12, seed: int = 0, size: int = STORE_SIZE) -> dict:
     """A small tree in RadImageNet's raw layout: 6 CT/MR classes and 3 US classes of synthetic frames; the ultrasound
-    frames carry synthetic artifacts (their clean versions go to <root>/_clean/ for checking)."""
+    frames carry burned-in annotation (their clean versions go to <root>/_clean/<label>/ for checking)."""
     rng = np.random.default_rng(seed)
     classes = [("CT", "abd", "normal"), ("CT", "lung", "nodule"), ("MR", "knee", "normal"), ("MR", "brain", "mass"),
                ("CT", "abd", "cyst"), ("MR", "spine", "normal"), ("US", None, "gallbladder"), ("US", None, "ovary"),
@@ -250,9 +851,8 @@ def make_demo(root: str, per_class: int = 12, seed: int = 0, size: int = 224) ->
         for i in range(per_class):
             name = f"{mod.lower()}_{anat or 'us'}_{label}_{i:04d}.png"
             if mod == "US":
-                clean = demo_ultrasound(size, rng)
-                rgb, _ = paint_artifacts(clean, rng)
-                Image.fromarray(rgb).save(os.path.join(folder, name))
+                raw, clean, _ = stored_frame(rng, size)
+                Image.fromarray(raw).save(os.path.join(folder, name))
                 os.makedirs(os.path.join(root, "_clean", label), exist_ok=True)
                 Image.fromarray(clean).save(os.path.join(root, "_clean", label, name))
             else:
@@ -260,7 +860,7 @@ def make_demo(root: str, per_class: int = 12, seed: int = 0, size: int = 224) ->
                 finding = "normal" if label == "normal" else "lesion"
                 Image.fromarray(pgnm.synthetic_scan(mod, anatomy, finding, size, rng)).save(os.path.join(folder, name))
             n += 1
-    return {"images": n, "classes": len(classes)}
+    return {"images": n, "classes": len(classes), "root": root}
 
 
 # =====================================================================================================================
@@ -646,27 +1246,145 @@ class _process_with:
 
 
 # =====================================================================================================================
+#  Measuring the cleaning on the demo: --demo-report, and the tests' figures
+# =====================================================================================================================
+# A stroke pixel (the issue's definition on real frames) is more than 50 grey levels above the median of its 9 x 9
+# window and above 120: text, box lines, rulers; almost no speckle. An artifact pixel is one where the raw frame
+# differs from the clean truth at all; a visible one, by more than VISIBLE grey levels (or as much chroma).
+
+STROKE_CONTRAST, STROKE_LEVEL, VISIBLE = 50, 120, 10
+
+
+def stroke_pixels(grey: np.ndarray) -> np.ndarray:
+    g = np.asarray(grey, np.uint8)
+    median = np.asarray(Image.fromarray(g).filter(ImageFilter.MedianFilter(9)), np.int16)
+    return (g.astype(np.int16) - median > STROKE_CONTRAST) & (g > STROKE_LEVEL)
+
+
+def frame_metrics(raw: np.ndarray, clean: np.ndarray, refined: np.ndarray) -> dict:
+    """Sums for one frame (raw RGB, clean truth L, refined L; all 8-bit): removal, damage, fill error and texture."""
+    g, c, out = (np.asarray(Image.fromarray(raw).convert("L"), np.float64), clean.astype(np.float64),
+                 refined.astype(np.float64))
+    chroma = raw.max(2).astype(np.int16) - raw.min(2)
+    artifact = (g != c) | (chroma > 0)
+    visible = (np.abs(g - c) > VISIBLE) | (chroma > VISIBLE)
+    changed = out != g
+    strokes = stroke_pixels(g) & artifact
+    fan = fill_holes(c > 0)
+    filled = changed & erode(fan.astype(np.uint8), 2).astype(bool)           # fills inside tissue, off its border
+    smooth = local_base(g, ~changed & fan, filled)                          # what a smooth blob fill would give
+    rf, rt = out - box_mean(out, 2), c - box_mean(c, 2)                     # texture: residuals around the local mean
+    pair = filled[:, 1:] & filled[:, :-1]
+    m = {"frames": 1, "strokes": strokes.sum(), "strokes_removed": (strokes & changed).sum(),
+         "raw_strokes": stroke_pixels(g).sum(), "refined_strokes": stroke_pixels(out).sum(),
+         "clean_strokes": stroke_pixels(c).sum(), "visible": visible.sum(), "visible_left": (visible & ~changed).sum(),
+         "changed_far": (changed & ~grow_mask(artifact, 2)).sum(), "filled": filled.sum(),
+         "abs_err": np.abs(out - c)[filled].sum(), "abs_err_smooth": np.abs(smooth - c)[filled].sum(),
+         "pairs": pair.sum()}
+    for name, r in (("fill", rf), ("truth", rt)):
+        m[f"{name}_sum"], m[f"{name}_sq"] = r[filled].sum(), (r[filled] ** 2).sum()
+        m[f"{name}_lag"] = (r[:, 1:][pair] * r[:, :-1][pair]).sum()
+    return {k: float(v) for k, v in m.items()}
+
+
+def summarise(m: dict) -> dict:
+    """Figures from summed frame_metrics: percentages, mean absolute errors, residual std and lag-1 autocorrelation."""
+    def std(name):
+        return float(np.sqrt(max(m[f"{name}_sq"] / max(m["filled"], 1) - (m[f"{name}_sum"] / max(m["filled"], 1)) ** 2,
+                                 0)))
+    out = {"frames": int(m["frames"]), "stroke_removed_pct": 100 * m["strokes_removed"] / max(m["strokes"], 1),
+           "refined_to_raw_strokes_pct": 100 * m["refined_strokes"] / max(m["raw_strokes"], 1),
+           "clean_to_raw_strokes_pct": 100 * m["clean_strokes"] / max(m["raw_strokes"], 1),
+           "visible_artifact_left_pct": 100 * m["visible_left"] / max(m["visible"], 1),
+           "visible_artifact_left_px": int(m["visible_left"]), "changed_beyond_2px": int(m["changed_far"]),
+           "fill_mae": m["abs_err"] / max(m["filled"], 1), "smooth_fill_mae": m["abs_err_smooth"] / max(m["filled"], 1),
+           "fill_std": std("fill"), "truth_std": std("truth")}
+    for name in ("fill", "truth"):
+        mean_sq = m[f"{name}_sq"] / max(m["filled"], 1)
+        out[f"{name}_lag1"] = (m[f"{name}_lag"] / max(m["pairs"], 1)) / mean_sq if mean_sq else 0.0
+    return out
+
+
+def demo_report(png: str | None = None, frames: int = 60, seed: int = 1, params: CleanParams = CleanParams(),
+                log=print, rows: int = 3) -> dict:
+    """Render `frames` demo frames in memory, clean them, print the figures (and return them); with `png`, write rows
+    of raw | refined | clean truth there."""
+    rng = np.random.default_rng(seed)
+    total: dict = {}
+    seconds, shown = 0.0, []
+    for _ in range(frames):
+        raw, clean, _ = stored_frame(rng)
+        t0 = time.perf_counter()
+        refined = np.asarray(clean_ultrasound(Image.fromarray(raw), params)[0])
+        seconds += time.perf_counter() - t0
+        for k, v in frame_metrics(raw, clean, refined).items():
+            total[k] = total.get(k, 0.0) + v
+        if len(shown) < rows:
+            shown.append(np.concatenate([raw] + [np.repeat(a[..., None], 3, 2) for a in (refined, clean)], 1))
+    fig = summarise(total)
+    fig["images_per_s"] = frames / max(seconds, 1e-9)
+    log(f"demo report: {frames} synthetic frames (seed {seed}), 224 x 224, cleaning only, one process")
+    log(f"  stroke pixels removed          {fig['stroke_removed_pct']:.1f}% of the annotation's stroke pixels "
+        f"(refined / raw stroke pixels {fig['refined_to_raw_strokes_pct']:.0f}%; clean truth / raw "
+        f"{fig['clean_to_raw_strokes_pct']:.0f}%)")
+    log(f"  visible artifact pixels left   {fig['visible_artifact_left_pct']:.1f}% ({fig['visible_artifact_left_px']} px)")
+    log(f"  pixels changed > 2 px from any artifact  {fig['changed_beyond_2px']}")
+    log(f"  fill error vs clean truth      MAE {fig['fill_mae']:.1f} grey levels (a smooth local-mean fill: "
+        f"{fig['smooth_fill_mae']:.1f})")
+    log(f"  fill texture vs truth          residual std {fig['fill_std']:.1f} vs {fig['truth_std']:.1f}; lag-1 "
+        f"autocorrelation (grain) {fig['fill_lag1']:.2f} vs {fig['truth_lag1']:.2f}")
+    log(f"  speed                          {fig['images_per_s']:.1f} images/s")
+    if png:
+        _write_atomic(_png_bytes(Image.fromarray(np.concatenate(shown, 0)).quantize(64)), png)
+        log(f"  wrote {png} (rows of raw | refined | clean truth)")
+    return fig
+
+
+# =====================================================================================================================
 #  CLI
 # =====================================================================================================================
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one stderr line (and exit code 2), like every other input error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refine_radimagenet.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-path", help="the RadImageNet root (holding radiology_ai/)")
-    p.add_argument("--output-dir", help="where train/ val/ test/ and the manifest go")
-    p.add_argument("--split-csv-dir", help="folder with RadiologyAI_train.csv, _val.csv, _test.csv: follow them")
-    p.add_argument("--correction-masks", help="apply the authors' per-image masks (<name>.npy) instead of cleaning")
-    p.add_argument("--ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (0 = this one)")
+    d = CleanParams()
+    p = _Parser(prog="refine_radimagenet.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-path", metavar="DIR", help="the RadImageNet root (holding radiology_ai/)")
+    p.add_argument("--output-dir", metavar="DIR", help="where train/ val/ test/ and the manifest go")
+    p.add_argument("--split-csv-dir", metavar="DIR", help="follow RadiologyAI_{train,val,test}.csv (column filename) "
+                   "in DIR instead of splitting")
+    p.add_argument("--allow-missing", action="store_true", help="with --split-csv-dir: go on when listed files are "
+                   "not on disk (they are counted and listed in manifest.json); without it that is an error")
+    p.add_argument("--correction-masks", metavar="DIR", help="apply the authors' per-image masks (<name>.npy) to "
+                   "ultrasound instead of cleaning it")
+    p.add_argument("--ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of every class for train, val and test: non-negative, summing to 1 "
+                   "(default: 0.8 0.1 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, >= 0 (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes, 0 = this process "
+                   "(default: the number of CPUs, %(default)s here)")
     p.add_argument("--no-clean", action="store_true", help="copy ultrasound images as they are")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
-    d = CleanParams()
-    p.add_argument("--colour-threshold", type=int, default=d.colour_threshold, help="chroma above this is colour")
-    p.add_argument("--text-level", type=int, default=d.text_level, help="annotation is at least this bright")
-    p.add_argument("--text-contrast", type=int, default=d.text_contrast, help="... and this much above its surround")
-    p.add_argument("--make-demo", metavar="DIR", help="write a small synthetic raw-layout tree to DIR and exit")
-    p.add_argument("--demo-per-class", type=int, default=12, help="images per class for --make-demo")
+    p.add_argument("--colour-threshold", type=int, default=d.colour_threshold, help="a pixel whose max(R,G,B) - "
+                   "min(R,G,B) exceeds this is colour and is replaced, 0-255 (default: %(default)s)")
+    p.add_argument("--black-level", type=int, default=d.black_level, help="the margin around the ultrasound image is "
+                   "at most this bright; brighter margin pixels are annotation, 0-254 (default: %(default)s)")
+    p.add_argument("--halo", type=int, default=d.halo, help="grow the artifact mask by this many px, 0-3 "
+                   "(default: %(default)s)")
+    p.add_argument("--make-demo", metavar="DIR", help="write a small synthetic raw-layout tree to DIR (ultrasound "
+                   "with scanner annotation; its clean truth in DIR/_clean) and exit")
+    p.add_argument("--demo-per-class", type=int, default=12, metavar="N", help="images per class for --make-demo "
+                   "(default: %(default)s)")
+    p.add_argument("--demo-report", metavar="PNG", help="clean --demo-frames synthetic frames, print the removal, "
+                   "damage, fill and speed figures, write rows of raw | refined | clean truth to PNG, and exit")
+    p.add_argument("--demo-frames", type=int, default=60, metavar="N", help="frames for --demo-report "
+                   "(default: %(default)s)")
     return p
 
 
@@ -674,15 +1392,18 @@ def cli(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     log = lambda *x: print(*x, flush=True)  # noqa: E731
     try:
+        params = CleanParams(colour_threshold=a.colour_threshold, black_level=a.black_level, halo=a.halo)
         if a.make_demo:
             res = make_demo(a.make_demo, a.demo_per_class, a.seed)
             log(f"wrote {res['images']} images in {res['classes']} classes under {a.make_demo}/radiology_ai")
+            return 0
+        if a.demo_report:
+            demo_report(a.demo_report, a.demo_frames, a.seed, params, log)
             return 0
         if not a.data_path or not a.output_dir:
             raise UserError("--data-path and --output-dir are required")
         if a.workers < 0:
             raise UserError("--workers must be >= 0")
-        params = CleanParams(colour_threshold=a.colour_threshold, text_level=a.text_level, text_contrast=a.text_contrast)
         refine(a.data_path, a.output_dir, a.split_csv_dir, a.correction_masks, a.ratios, a.seed, a.workers,
                a.no_clean, a.dry_run, params, log)
         return 0
