@@ -21,12 +21,14 @@ comes from pgnm.py, so torch must be importable).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -870,8 +872,10 @@ def make_demo(root: str, per_class: int = 12, seed: int = 0, size: int = STORE_S
 
 def find_base(data_path: str) -> str:
     """The folder that holds radiology_ai/ (accepts that folder or radiology_ai itself)."""
-    if not os.path.isdir(data_path):
+    if not os.path.exists(data_path):
         raise UserError(f"--data-path {data_path} does not exist")
+    if not os.path.isdir(data_path):
+        raise UserError(f"--data-path {data_path} is a file: give the folder that holds radiology_ai/")
     if os.path.isdir(os.path.join(data_path, "radiology_ai")):
         return os.path.abspath(data_path)
     if os.path.basename(os.path.normpath(data_path)) == "radiology_ai":
@@ -889,15 +893,52 @@ def class_of(rel: str) -> str | None:
     return f"{parts[1]}__{parts[2]}__{parts[3]}" if len(parts) == 5 else None
 
 
-def scan_tree(base: str) -> list[str]:
-    """Relative paths (radiology_ai/...) of every image under base/radiology_ai, sorted."""
-    out = []
-    for dirpath, dirnames, files in os.walk(os.path.join(base, "radiology_ai")):
-        dirnames.sort()
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def scan_tree(base: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(relative paths radiology_ai/... of every image under base/radiology_ai, sorted; skipped links). Symbolic
+    links are followed while they stay inside --data-path, never round a loop, and each folder and file is taken
+    once (by its own path where it has one): links that lead out of the root, into a folder above them, or to a
+    folder or file already taken are listed, not followed."""
+    top = os.path.join(base, "radiology_ai")
+    root, top_real = os.path.realpath(base), os.path.realpath(top)
+    rel = lambda p: os.path.relpath(p, base).replace(os.sep, "/")  # noqa: E731
+    skipped: dict[str, list[str]] = {"links_out_of_root": [], "link_loops": [], "same_file_twice": []}
+    walked, found = set(), []
+    for dirpath, dirnames, files in os.walk(top, followlinks=True):
+        here = os.path.realpath(dirpath)
+        walked.add(here)
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            real = os.path.realpath(full)
+            if not _inside(real, root):
+                skipped["links_out_of_root"].append(rel(full))
+            elif _inside(here, real):
+                skipped["link_loops"].append(rel(full))
+            elif real in walked or (os.path.islink(full) and _inside(real, top_real)):
+                skipped["same_file_twice"].append(f"{rel(full)} = {rel(real) if _inside(real, root) else real}")
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for f in sorted(files):
-            if f.lower().endswith(IMG_EXTENSIONS):
-                out.append(os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/"))
-    return out
+            full = os.path.join(dirpath, f)
+            real = os.path.realpath(full)
+            if not f.lower().endswith(IMG_EXTENSIONS):
+                continue
+            if not _inside(real, root):
+                skipped["links_out_of_root"].append(rel(full))
+            else:
+                found.append((real != os.path.join(top_real, os.path.relpath(full, top)), rel(full), real))
+    taken: dict[str, str] = {}
+    for _, path, real in sorted(found):                   # a file's own path first, then links to it
+        if real in taken:
+            skipped["same_file_twice"].append(f"{path} = {taken[real]}")
+        else:
+            taken[real] = path
+    return sorted(taken.values()), {k: sorted(v) for k, v in skipped.items()}
 
 
 def safe_relpath(entry: str, where: str) -> str:
@@ -911,22 +952,50 @@ def safe_relpath(entry: str, where: str) -> str:
 
 
 def read_split_csvs(csv_dir: str) -> dict[str, str]:
-    """{relative path: split} from RadiologyAI_{train,val,test}.csv (column 'filename')."""
+    """{relative path: split} from RadiologyAI_{train,val,test}.csv (UTF-8, column 'filename')."""
+    if not os.path.isdir(csv_dir):
+        raise UserError(f"--split-csv-dir {csv_dir} is not a folder (it should hold {', '.join(CSV_NAMES.values())})")
     out: dict[str, str] = {}
     for split, name in CSV_NAMES.items():
         path = os.path.join(csv_dir, name)
         if not os.path.isfile(path):
             raise UserError(f"--split-csv-dir {csv_dir} has no {name}")
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "filename" not in reader.fieldnames:
-                raise UserError(f"{path} has no 'filename' column (columns: {reader.fieldnames})")
-            for line, row in enumerate(reader, start=2):
-                rel = safe_relpath(row["filename"], f"{name} line {line}")
-                if rel in out and out[rel] != split:
-                    raise UserError(f"{rel} is listed in both {CSV_NAMES[out[rel]]} and {name}")
-                out[rel] = split
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                if not reader.fieldnames or "filename" not in reader.fieldnames:
+                    raise UserError(f"{path} has no 'filename' column (columns: {reader.fieldnames})")
+                for line, row in enumerate(reader, start=2):
+                    entry = row.get("filename")
+                    if not entry or not entry.strip():
+                        raise UserError(f"{path} line {line}: no filename (the row has {len(row)} fields): "
+                                        f"every row needs one")
+                    rel = safe_relpath(entry, f"{name} line {line}")
+                    if rel in out and out[rel] != split:
+                        raise UserError(f"{rel} is listed in both {CSV_NAMES[out[rel]]} and {name}")
+                    out[rel] = split
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}): "
+                            f"save it as UTF-8") from None
+        except csv.Error as e:
+            raise UserError(f"{path} is not a readable CSV ({e}): check its quoting") from None
     return out
+
+
+def mask_problem(path: str) -> str | None:
+    """Why the authors' correction mask at path cannot be applied (None if it can): read from its .npy header only."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+    except (OSError, ValueError) as e:
+        return f"not a .npy array ({str(e).splitlines()[0][:80]})"
+    if dtype.hasobject or dtype.kind not in "biuf":
+        return f"holds {dtype} data (pickled objects are never loaded); expected integers"
+    if tuple(shape[:2]) != (224, 224) or len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
+        return f"has shape {shape}, expected 224 x 224 (x 3)"
+    return None
 
 
 def analyse(job: tuple[str, str]) -> dict:
@@ -1005,12 +1074,33 @@ def output_name(rel: str) -> str:
     return os.path.splitext(os.path.basename(rel))[0] + ".png"
 
 
+def _write_bytes(fh, data: bytes) -> None:
+    fh.write(data)
+
+
 def _write_atomic(data: bytes, dst: str) -> None:
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, dst)
+    """dst written whole or not at all: a fresh temporary file beside it (created exclusively, so never an existing
+    file or a planted link) renamed over it (a rename replaces a link at dst, never writes through it). The temporary
+    file is removed on any failure, a full disk included."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst) or ".", prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write_bytes(fh, data)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _open_append(path: str):
+    """Append to one of refine's own logs; a symbolic link there is refused, never followed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}): it must be a plain file refine creates "
+                        f"(remove a link there; check free space and permissions)") from None
+    return os.fdopen(fd, "a")
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -1019,28 +1109,33 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _render(job: Job, params: CleanParams) -> tuple[bytes, int]:
+    """The output file's bytes and the pixels changed. 8-bit PNGs that need no change are copied byte for byte."""
+    if job.action == "clean":
+        out, changed = clean_ultrasound(read_image(job.src), params)
+        return _png_bytes(out), changed
+    if job.action == "correct":
+        return _png_bytes(apply_correction_mask(read_image(job.src), np.load(job.mask, allow_pickle=False))), 0
+    with Image.open(job.src) as im:
+        plain = im.format == "PNG" and im.mode in ("L", "RGB", "P", "RGBA", "LA")
+    if plain:
+        with open(job.src, "rb") as fh:
+            return fh.read(), 0
+    return _png_bytes(read_image(job.src)), 0
+
+
 def process(job: Job, params: CleanParams = CleanParams()) -> dict:
-    """Make one output file (atomically). 8-bit PNGs that need no change are copied byte for byte."""
+    """Make one output file (atomically). A source that cannot be decoded is an 'error' (the run goes on and lists
+    it); an output that cannot be written (disk full, permissions) is 'fatal' (the run stops)."""
     try:
-        changed = 0
-        if job.action == "clean":
-            out, changed = clean_ultrasound(read_image(job.src), params)
-            data = _png_bytes(out)
-        elif job.action == "correct":
-            mask = np.load(job.mask, allow_pickle=False)
-            data = _png_bytes(apply_correction_mask(read_image(job.src), mask))
-        else:
-            with Image.open(job.src) as im:
-                plain = im.format == "PNG" and im.mode in ("L", "RGB", "P", "RGBA", "LA")
-            if plain:
-                with open(job.src, "rb") as fh:
-                    data = fh.read()
-            else:
-                data = _png_bytes(read_image(job.src))
-        _write_atomic(data, job.dst)
-        return {"rel": job.rel, "changed": changed, "sha256": hashlib.sha256(data).hexdigest()}
-    except Exception as e:  # noqa: BLE001
+        data, changed = _render(job, params)
+    except Exception as e:  # noqa: BLE001 - every decoder failure is reported the same way
         return {"rel": job.rel, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+    try:
+        _write_atomic(data, job.dst)
+    except OSError as e:
+        return {"rel": job.rel, "fatal": f"cannot write {job.dst} ({e.strerror or e})"}
+    return {"rel": job.rel, "changed": changed, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _parallel(fn, jobs: Sequence, workers: int, label: str, log) -> Iterable:
@@ -1052,6 +1147,7 @@ def _parallel(fn, jobs: Sequence, workers: int, label: str, log) -> Iterable:
         it = pool.imap_unordered(fn, jobs, chunksize=max(1, min(64, total // (workers * 8) or 1)))
     else:
         pool, it = None, map(fn, jobs)
+    finished = False
     try:
         for i, res in enumerate(it, start=1):
             yield res
@@ -1061,15 +1157,16 @@ def _parallel(fn, jobs: Sequence, workers: int, label: str, log) -> Iterable:
                 eta = time.strftime("%H:%M:%S", time.gmtime((total - i) / max(rate, 1e-9)))
                 log(f"{label}: {i}/{total} ({100 * i / max(total, 1):.1f}%)  {rate:.1f} img/s  eta {eta}")
                 last = now
+        finished = True
     finally:
         if pool is not None:
-            pool.close()
+            (pool.close if finished else pool.terminate)()
             pool.join()
 
 
 def _load_jsonl(path: str) -> list[dict]:
     out = []
-    if os.path.exists(path):
+    if os.path.isfile(path) and not os.path.islink(path):
         with open(path) as fh:
             for line in fh:
                 try:
@@ -1079,150 +1176,43 @@ def _load_jsonl(path: str) -> list[dict]:
     return out
 
 
-def refine(data_path: str, output_dir: str, split_csv_dir: str | None = None, correction_masks: str | None = None,
-           ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, workers: int = 0, no_clean: bool = False,
-           dry_run: bool = False, params: CleanParams = CleanParams(), log=print) -> dict:
-    """The whole job; returns the manifest (for --dry-run, the plan)."""
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
-        raise UserError(f"--ratios {list(ratios)}: three non-negative numbers summing to 1 (train val test)")
-    if correction_masks and not os.path.isdir(correction_masks):
-        raise UserError(f"--correction-masks {correction_masks} does not exist")
+def check_run_arguments_numbers(ratios: Sequence[float], seed: int, workers: int, params: CleanParams) -> None:
+    """Every numeric argument's range, with a message that says what to do."""
+    if len(ratios) != 3 or not all(np.isfinite(r) and r >= 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise UserError(f"--ratios {' '.join(map(str, ratios))}: give three non-negative numbers summing to 1 "
+                        f"(train val test, e.g. 0.8 0.1 0.1)")
+    for flag, value, lo, hi in (("--seed", seed, 0, 2 ** 63 - 1), ("--workers", workers, 0, 1024),
+                                ("--colour-threshold", params.colour_threshold, 0, 255),
+                                ("--black-level", params.black_level, 0, 254), ("--halo", params.halo, 0, 3)):
+        if not lo <= value <= hi:
+            raise UserError(f"{flag} {value}: must be between {lo} and {hi}")
+
+
+def check_run_arguments(data_path: str, output_dir: str, ratios: Sequence[float], seed: int, workers: int,
+                        params: CleanParams) -> None:
+    """Every numeric and path argument, before any work, with a message that says what to do."""
+    check_run_arguments_numbers(ratios, seed, workers, params)
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output-dir {output_dir} exists and is not a folder: give a folder (created if missing)")
     base = find_base(data_path)
-    args = {"data_path": os.path.abspath(data_path), "split_csv_dir": split_csv_dir, "correction_masks":
-            correction_masks, "ratios": list(ratios), "seed": seed, "no_clean": no_clean,
-            "clean_params": vars(params) if not no_clean and not correction_masks else None}
-    files = scan_tree(base)
-    items, not_a_class = {}, []
-    for rel in files:
-        c = class_of(rel)
-        (not_a_class.append(rel) if c is None else items.__setitem__(rel, c))
-    missing, unlisted = [], []
-    if split_csv_dir:
-        listed = read_split_csvs(split_csv_dir)
-        missing = sorted(r for r in listed if r not in items)
-        unlisted = sorted(r for r in items if r not in listed)
-        items = {r: c for r, c in items.items() if r in listed}
-    if not items:
-        raise UserError(f"no images under {os.path.join(base, 'radiology_ai')} "
-                        f"(expected radiology_ai/CT|MR/<anatomy>/<label>/*.png, radiology_ai/US/<label>/*.png)")
-    log(f"refine: {len(items)} images in {len(set(items.values()))} classes under {base}")
+    if _inside(os.path.realpath(output_dir), os.path.realpath(os.path.join(base, "radiology_ai"))):
+        raise UserError(f"--output-dir {output_dir} is inside --data-path's radiology_ai/: put it elsewhere")
 
-    # 1. analyse every image once (cached in the output folder, so a resumed run skips this too)
-    cache_path = os.path.join(output_dir, ".analysis.jsonl")
-    cached = {}
-    for r in _load_jsonl(cache_path):
-        cached[r["rel"]] = r
-    stat_key = {rel: _stat_key(os.path.join(base, rel)) for rel in items}
-    todo = [(base, rel) for rel in sorted(items) if cached.get(rel, {}).get("stat") != stat_key[rel]]
-    if not dry_run:
-        os.makedirs(output_dir, exist_ok=True)
-    with open(cache_path, "a") if not dry_run else open(os.devnull, "w") as fh:
-        for res in _parallel(analyse, todo, workers, "analyse", log):
-            res["stat"] = stat_key[res["rel"]]
-            cached[res["rel"]] = res
-            fh.write(json.dumps(res) + "\n")
-            fh.flush()
-    info = {rel: cached[rel] for rel in items}
-    unreadable = sorted(({"file": r, "error": i["error"]} for r, i in info.items() if "error" in i),
-                        key=lambda d: d["file"])
-    blank = sorted(r for r, i in info.items() if i.get("blank"))
-    usable = {r: c for r, c in items.items() if "error" not in info[r] and not info[r].get("blank")}
-    hashes = {r: info[r]["hash"] for r in usable}
-    groups: dict[str, list[str]] = {}
-    for r in sorted(usable):
-        groups.setdefault(hashes[r], []).append(r)
-    duplicates = [g for g in groups.values() if len(g) > 1]
 
-    # 2. the split
-    if split_csv_dir:
-        split_of = {r: listed[r] for r in usable}
-        mode = "csv"
-    else:
-        split_of = split_by_class(usable, hashes, ratios, seed)
-        mode = "stratified"
-    straddling = [g for g in duplicates if len({split_of[r] for r in g}) > 1]
+@dataclass
+class _process_with:
+    """A picklable process(job, params) for the worker pool."""
+    params: CleanParams = field(default_factory=CleanParams)
 
-    # 3. the plan: one job per usable image
-    jobs, no_mask = [], []
-    for rel in sorted(usable):
-        cls, split = usable[rel], split_of[rel]
-        action, mask = "copy", None
-        if cls.startswith("US__") and correction_masks:
-            mask = _find_mask(correction_masks, rel)
-            action = "correct" if mask else "copy"
-            if not mask:
-                no_mask.append(rel)
-        elif cls.startswith("US__") and not no_clean:
-            action = "clean"
-        jobs.append(Job(rel, cls, split, action, os.path.join(base, rel),
-                        os.path.join(output_dir, split, cls, output_name(rel)), mask))
-    names: dict[str, str] = {}
-    for j in jobs:
-        if j.dst in names:
-            raise UserError(f"{j.rel} and {names[j.dst]} would both be written to {j.dst}: rename one")
-        names[j.dst] = j.rel
-    counts: dict[str, dict[str, int]] = {}
-    for j in jobs:
-        counts.setdefault(j.cls, {s: 0 for s in SPLITS})[j.split] += 1
-    totals = {s: sum(c[s] for c in counts.values()) for s in SPLITS}
-    actions = {a: sum(j.action == a for j in jobs) for a in ("copy", "clean", "correct")}
-    log(f"plan ({mode} split): train {totals['train']}  val {totals['val']}  test {totals['test']}  | "
-        f"{actions['clean']} to clean, {actions['correct']} to correct, {actions['copy']} to copy | "
-        f"{len(duplicates)} duplicate groups, {len(blank)} blank, {len(unreadable)} unreadable")
-    if dry_run:
-        for c in sorted(counts):
-            log(f"  {c:<40} " + "  ".join(f"{s} {counts[c][s]}" for s in SPLITS))
-        return {"mode": mode, "counts": counts, "totals": totals, "actions": actions, "blank": blank,
-                "unreadable": unreadable, "duplicates": duplicates}
-
-    # 4. process: finished outputs (logged and present) are kept
-    progress_path = os.path.join(output_dir, ".progress.jsonl")
-    done = {r["rel"]: r for r in _load_jsonl(progress_path) if "error" not in r}
-    results = {rel: r for rel, r in done.items() if os.path.exists(os.path.join(
-        output_dir, split_of.get(rel, "?"), usable.get(rel, "?"), output_name(rel)))}
-    pending = [j for j in jobs if j.rel not in results]
-    if results:
-        log(f"resuming: {len(results)} outputs already done, {len(pending)} to go")
-    failed = []
-    with open(progress_path, "a") as fh:
-        for res in _parallel(_process_with(params), pending, workers, "refine", log):
-            if "error" in res:
-                failed.append({"file": res["rel"], "error": res["error"]})
-                continue
-            results[res["rel"]] = res
-            fh.write(json.dumps(res) + "\n")
-            fh.flush()
-    unreadable = sorted(unreadable + failed, key=lambda d: d["file"])
-
-    # 5. the manifest
-    rows = sorted((j.split, j.cls, output_name(j.rel), j.rel, j.action, results[j.rel]["changed"],
-                   results[j.rel]["sha256"]) for j in jobs if j.rel in results)
-    checksum = hashlib.sha256("".join(f"{r[0]}/{r[1]}/{r[2]} {r[6]}\n" for r in rows).encode()).hexdigest()
-    with open(os.path.join(output_dir, "manifest_images.csv.tmp"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["split", "class", "file", "source", "action", "pixels_changed", "sha256"])
-        w.writerows(rows)
-    os.replace(os.path.join(output_dir, "manifest_images.csv.tmp"), os.path.join(output_dir, "manifest_images.csv"))
-    cleaned = [r for r in rows if r[4] == "clean"]
-    manifest = {
-        "arguments": args, "mode": mode, "classes": len(counts), "counts": counts, "totals": totals,
-        "actions": actions, "images_written": len(rows),
-        "cleaning": {"images": len(cleaned), "images_changed": sum(1 for r in cleaned if r[5] > 0),
-                     "pixels_changed": sum(r[5] for r in cleaned)},
-        "duplicates": duplicates, "straddling_duplicates": straddling, "blank": blank, "unreadable": unreadable,
-        "not_in_a_class": not_a_class, "listed_but_missing": missing, "on_disk_but_unlisted": unlisted,
-        "missing_correction_masks": no_mask, "checksum": checksum,
-    }
-    with open(os.path.join(output_dir, "manifest.json.tmp"), "w") as fh:
-        json.dump(manifest, fh, indent=1)
-    os.replace(os.path.join(output_dir, "manifest.json.tmp"), os.path.join(output_dir, "manifest.json"))
-    log(f"done: {len(rows)} images in {output_dir} (checksum {checksum[:16]}); {len(unreadable)} unreadable, "
-        f"{len(blank)} blank skipped; manifest.json has the details")
-    return manifest
+    def __call__(self, job: Job) -> dict:
+        return process(job, self.params)
 
 
 def _stat_key(path: str) -> str:
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError:                                # a dangling link: analysis reports it unreadable
+        return "missing"
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
@@ -1236,13 +1226,203 @@ def _find_mask(folder: str, rel: str) -> str | None:
     return None
 
 
-@dataclass
-class _process_with:
-    """A picklable process(job, params) for the worker pool."""
-    params: CleanParams = field(default_factory=CleanParams)
+def _first(items: Sequence[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 
-    def __call__(self, job: Job) -> dict:
-        return process(job, self.params)
+
+def _discover(base: str, split_csv_dir: str | None, allow_missing: bool, log) -> tuple[dict, dict, dict]:
+    """({rel: class} to refine, {rel: split} from the CSVs or {}, lists for the manifest)."""
+    files, links = scan_tree(base)
+    items = {rel: class_of(rel) for rel in files}
+    notes = {"not_in_a_class": sorted(r for r, c in items.items() if c is None), **links,
+             "listed_but_missing": [], "on_disk_but_unlisted": []}
+    items = {r: c for r, c in items.items() if c is not None}
+    for what, found in links.items():
+        if found:
+            log(f"warning: {len(found)} {what.replace('_', ' ')} not followed (first: {_first(found)}); "
+                f"listed in manifest.json")
+    listed: dict[str, str] = {}
+    if split_csv_dir:
+        listed = read_split_csvs(split_csv_dir)
+        notes["listed_but_missing"] = missing = sorted(r for r in listed if r not in items)
+        notes["on_disk_but_unlisted"] = sorted(r for r in items if r not in listed)
+        if missing and not allow_missing:
+            raise UserError(f"--split-csv-dir: {len(missing)} listed files are not under {base} (first: "
+                            f"{_first(missing)}); pass --allow-missing to go on without them")
+        if missing:
+            log(f"warning: {len(missing)} listed files are missing (first: {_first(missing)}); going on without them")
+        items = {r: c for r, c in items.items() if r in listed}
+    if not items:
+        raise UserError(f"no images under {os.path.join(base, 'radiology_ai')} "
+                        f"(expected radiology_ai/CT|MR/<anatomy>/<label>/*.png, radiology_ai/US/<label>/*.png)")
+    return items, listed, notes
+
+
+def _analyse_all(base: str, items: dict, output_dir: str, workers: int, dry_run: bool, log) -> dict:
+    """{rel: analysis} of every image, cached in the output folder so that a resumed run skips this too."""
+    cache_path = os.path.join(output_dir, ".analysis.jsonl")
+    cached = {r["rel"]: r for r in _load_jsonl(cache_path)}
+    stat_key = {rel: _stat_key(os.path.join(base, rel)) for rel in items}
+    todo = [(base, rel) for rel in sorted(items) if cached.get(rel, {}).get("stat") != stat_key[rel]]
+    with (_open_append(cache_path) if not dry_run else open(os.devnull, "w")) as fh:
+        for res in _parallel(analyse, todo, workers, "analyse", log):
+            res["stat"] = stat_key[res["rel"]]
+            cached[res["rel"]] = res
+            fh.write(json.dumps(res) + "\n")
+            fh.flush()
+    return {rel: cached[rel] for rel in items}
+
+
+def _plan(usable: dict, split_of: dict, base: str, output_dir: str, correction_masks: str | None,
+          no_clean: bool) -> tuple[list[Job], list[str]]:
+    """One job per usable image, and the ultrasound images without a correction mask. Unusable masks and two images
+    with one output name are errors."""
+    jobs, no_mask, bad = [], [], []
+    for rel in sorted(usable):
+        cls, action, mask = usable[rel], "copy", None
+        if cls.startswith("US__") and correction_masks:
+            mask = _find_mask(correction_masks, rel)
+            problem = mask_problem(mask) if mask else None
+            if problem:
+                bad.append(f"{mask} {problem}")
+            action = "correct" if mask else "copy"
+            if not mask:
+                no_mask.append(rel)
+        elif cls.startswith("US__") and not no_clean:
+            action = "clean"
+        jobs.append(Job(rel, cls, split_of[rel], action, os.path.join(base, rel),
+                        os.path.join(output_dir, split_of[rel], cls, output_name(rel)), mask))
+    if bad:
+        raise UserError(f"--correction-masks: {len(bad)} masks cannot be applied (first: {bad[0]}); fix or remove "
+                        f"them (an image without a mask is copied as it is)")
+    names: dict[str, str] = {}
+    for j in jobs:
+        if j.dst in names:
+            raise UserError(f"{j.rel} and {names[j.dst]} would both be written to {j.dst}: rename one")
+        names[j.dst] = j.rel
+    return jobs, no_mask
+
+
+def _prepare_output(output_dir: str, jobs: Sequence[Job]) -> None:
+    """Create the split / class folders; a symbolic link among them (which would send outputs elsewhere) is refused."""
+    real_out = os.path.realpath(output_dir)
+    for folder in sorted({os.path.dirname(j.dst) for j in jobs}):
+        for p in (os.path.dirname(folder), folder):
+            if os.path.islink(p):
+                raise UserError(f"{p} is a symbolic link: refine writes only into folders it creates; remove it")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {folder} ({e.strerror}): check --output-dir") from None
+        if os.path.realpath(folder) != os.path.join(real_out, os.path.relpath(folder, output_dir)):
+            raise UserError(f"{folder} leads outside --output-dir: remove the link on its way")
+
+
+def _run(jobs: Sequence[Job], output_dir: str, workers: int, params: CleanParams, log) -> tuple[dict, list]:
+    """Process what is not done yet (finished outputs, logged and present, are kept): (results, failures)."""
+    progress_path = os.path.join(output_dir, ".progress.jsonl")
+    done = {r["rel"]: r for r in _load_jsonl(progress_path) if "error" not in r and "fatal" not in r}
+    results = {j.rel: done[j.rel] for j in jobs if j.rel in done and os.path.isfile(j.dst)}
+    pending = [j for j in jobs if j.rel not in results]
+    if results:
+        log(f"resuming: {len(results)} outputs already done, {len(pending)} to go")
+    failed = []
+    with _open_append(progress_path) as fh:
+        for res in _parallel(_process_with(params), pending, workers, "refine", log):
+            if "fatal" in res:
+                raise UserError(f"{res['fatal']}: free space or fix permissions, then re-run the same command "
+                                f"(finished outputs are kept)")
+            if "error" in res:
+                failed.append({"file": res["rel"], "error": res["error"]})
+                continue
+            results[res["rel"]] = res
+            fh.write(json.dumps(res) + "\n")
+            fh.flush()
+    return results, failed
+
+
+def _write_manifest(output_dir: str, jobs: Sequence[Job], results: dict, manifest: dict) -> list[str]:
+    """manifest_images.csv (one row per image) and manifest.json (with a checksum over every output); their paths."""
+    rows = sorted((j.split, j.cls, output_name(j.rel), j.rel, j.action, results[j.rel]["changed"],
+                   results[j.rel]["sha256"]) for j in jobs if j.rel in results)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["split", "class", "file", "source", "action", "pixels_changed", "sha256"])
+    w.writerows(rows)
+    cleaned = [r for r in rows if r[4] == "clean"]
+    manifest.update(images_written=len(rows), checksum=hashlib.sha256(
+        "".join(f"{r[0]}/{r[1]}/{r[2]} {r[6]}\n" for r in rows).encode()).hexdigest(),
+        cleaning={"images": len(cleaned), "images_changed": sum(1 for r in cleaned if r[5] > 0),
+                  "pixels_changed": sum(r[5] for r in cleaned)})
+    paths = [os.path.join(output_dir, "manifest_images.csv"), os.path.join(output_dir, "manifest.json")]
+    try:
+        _write_atomic(buf.getvalue().encode(), paths[0])
+        _write_atomic(json.dumps(manifest, indent=1).encode(), paths[1])
+    except OSError as e:
+        raise UserError(f"cannot write the manifest in {output_dir} ({e.strerror}): free space or fix permissions, "
+                        f"then re-run the same command (finished outputs are kept)") from None
+    return paths
+
+
+def refine(data_path: str, output_dir: str, split_csv_dir: str | None = None, correction_masks: str | None = None,
+           ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, workers: int = 0, no_clean: bool = False,
+           dry_run: bool = False, params: CleanParams = CleanParams(), log=print,
+           allow_missing: bool = False) -> dict:
+    """The whole job; returns the manifest (for --dry-run, the plan)."""
+    check_run_arguments(data_path, output_dir, ratios, seed, workers, params)
+    if correction_masks and not os.path.isdir(correction_masks):
+        raise UserError(f"--correction-masks {correction_masks} is not a folder of <name>.npy masks")
+    base = find_base(data_path)
+    items, listed, notes = _discover(base, split_csv_dir, allow_missing, log)
+    log(f"refine: {len(items)} images in {len(set(items.values()))} classes under {base}")
+    if not dry_run:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --output-dir {output_dir} ({e.strerror})") from None
+    info = _analyse_all(base, items, output_dir, workers, dry_run, log)
+    unreadable = sorted(({"file": r, "error": i["error"]} for r, i in info.items() if "error" in i),
+                        key=lambda d: d["file"])
+    blank = sorted(r for r, i in info.items() if i.get("blank"))
+    usable = {r: c for r, c in items.items() if "error" not in info[r] and not info[r].get("blank")}
+    hashes = {r: info[r]["hash"] for r in usable}
+    groups: dict[str, list[str]] = {}
+    for r in sorted(usable):
+        groups.setdefault(hashes[r], []).append(r)
+    duplicates = [g for g in groups.values() if len(g) > 1]
+    mode = "csv" if split_csv_dir else "stratified"
+    split_of = {r: listed[r] for r in usable} if split_csv_dir else split_by_class(usable, hashes, ratios, seed)
+    jobs, no_mask = _plan(usable, split_of, base, output_dir, correction_masks, no_clean)
+    counts: dict[str, dict[str, int]] = {}
+    for j in jobs:
+        counts.setdefault(j.cls, {s: 0 for s in SPLITS})[j.split] += 1
+    totals = {s: sum(c[s] for c in counts.values()) for s in SPLITS}
+    actions = {a: sum(j.action == a for j in jobs) for a in ("copy", "clean", "correct")}
+    log(f"plan ({mode} split): train {totals['train']}  val {totals['val']}  test {totals['test']}  | "
+        f"{actions['clean']} to clean, {actions['correct']} to correct, {actions['copy']} to copy | "
+        f"{len(duplicates)} duplicate groups, {len(blank)} blank, {len(unreadable)} unreadable")
+    plan = {"mode": mode, "counts": counts, "totals": totals, "actions": actions, "blank": blank,
+            "unreadable": unreadable, "duplicates": duplicates}
+    if dry_run:
+        for c in sorted(counts):
+            log(f"  {c:<40} " + "  ".join(f"{s} {counts[c][s]}" for s in SPLITS))
+        return plan
+    _prepare_output(output_dir, jobs)
+    results, failed = _run(jobs, output_dir, workers, params, log)
+    plan["unreadable"] = sorted(unreadable + failed, key=lambda d: d["file"])
+    args = {"data_path": os.path.abspath(data_path), "split_csv_dir": split_csv_dir, "correction_masks":
+            correction_masks, "ratios": list(ratios), "seed": seed, "no_clean": no_clean,
+            "clean_params": vars(params) if not no_clean and not correction_masks else None}
+    manifest = {"arguments": args, "classes": len(counts), **plan, "missing_correction_masks": no_mask,
+                "straddling_duplicates": [g for g in duplicates if len({split_of[r] for r in g}) > 1], **notes}
+    paths = _write_manifest(output_dir, jobs, results, manifest)
+    if plan["unreadable"]:
+        log(f"warning: {len(plan['unreadable'])} unreadable images skipped (first: "
+            f"{_first([u['file'] for u in plan['unreadable']])}); listed in manifest.json")
+    log(f"done: {manifest['images_written']} images (checksum {manifest['checksum'][:16]}), {len(blank)} blank "
+        f"skipped. Wrote {', '.join(os.path.join(output_dir, s) + '/' for s in SPLITS)}, {', '.join(paths)}, and "
+        f"the resume logs {os.path.join(output_dir, '.analysis.jsonl')}, {os.path.join(output_dir, '.progress.jsonl')}")
+    return manifest
 
 
 # =====================================================================================================================
@@ -1366,16 +1546,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of every class for train, val and test: non-negative, summing to 1 "
                    "(default: 0.8 0.1 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, >= 0 (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes, 0 = this process "
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the split, >= 0 (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N", help="worker processes, 0 = this process "
                    "(default: the number of CPUs, %(default)s here)")
     p.add_argument("--no-clean", action="store_true", help="copy ultrasound images as they are")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
-    p.add_argument("--colour-threshold", type=int, default=d.colour_threshold, help="a pixel whose max(R,G,B) - "
+    p.add_argument("--colour-threshold", type=int, default=d.colour_threshold, metavar="LEVEL", help="a pixel whose max(R,G,B) - "
                    "min(R,G,B) exceeds this is colour and is replaced, 0-255 (default: %(default)s)")
-    p.add_argument("--black-level", type=int, default=d.black_level, help="the margin around the ultrasound image is "
+    p.add_argument("--black-level", type=int, default=d.black_level, metavar="LEVEL", help="the margin around the ultrasound image is "
                    "at most this bright; brighter margin pixels are annotation, 0-254 (default: %(default)s)")
-    p.add_argument("--halo", type=int, default=d.halo, help="grow the artifact mask by this many px, 0-3 "
+    p.add_argument("--halo", type=int, default=d.halo, metavar="PX", help="grow the artifact mask by this many px, 0-3 "
                    "(default: %(default)s)")
     p.add_argument("--make-demo", metavar="DIR", help="write a small synthetic raw-layout tree to DIR (ultrasound "
                    "with scanner annotation; its clean truth in DIR/_clean) and exit")
@@ -1388,24 +1568,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_new_path(flag: str, path: str, folder: bool) -> None:
+    """A path the tool is to create: a folder (or a file) that may exist as such, in a folder that exists."""
+    if folder and os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} exists and is not a folder: give a new or existing folder")
+    if not folder and (os.path.isdir(path) or not path.lower().endswith(".png")):
+        raise UserError(f"{flag} {path}: give a file name ending in .png")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: the folder {parent} does not exist; create it first")
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     log = lambda *x: print(*x, flush=True)  # noqa: E731
     try:
         params = CleanParams(colour_threshold=a.colour_threshold, black_level=a.black_level, halo=a.halo)
+        for flag, value in (("--demo-per-class", a.demo_per_class), ("--demo-frames", a.demo_frames)):
+            if not 1 <= value <= 100_000:
+                raise UserError(f"{flag} {value}: must be between 1 and 100000")
+        if a.make_demo or a.demo_report:
+            check_run_arguments_numbers(a.ratios, a.seed, a.workers, params)
         if a.make_demo:
+            _check_new_path("--make-demo", a.make_demo, folder=True)
             res = make_demo(a.make_demo, a.demo_per_class, a.seed)
-            log(f"wrote {res['images']} images in {res['classes']} classes under {a.make_demo}/radiology_ai")
+            log(f"wrote {res['images']} images in {res['classes']} classes: "
+                f"{os.path.join(a.make_demo, 'radiology_ai')}/ and their clean truth {os.path.join(a.make_demo, '_clean')}/")
             return 0
         if a.demo_report:
+            _check_new_path("--demo-report", a.demo_report, folder=False)
             demo_report(a.demo_report, a.demo_frames, a.seed, params, log)
             return 0
         if not a.data_path or not a.output_dir:
-            raise UserError("--data-path and --output-dir are required")
-        if a.workers < 0:
-            raise UserError("--workers must be >= 0")
+            raise UserError("--data-path and --output-dir are required (or --make-demo DIR to try it on a demo tree)")
         refine(a.data_path, a.output_dir, a.split_csv_dir, a.correction_masks, a.ratios, a.seed, a.workers,
-               a.no_clean, a.dry_run, params, log)
+               a.no_clean, a.dry_run, params, log, a.allow_missing)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

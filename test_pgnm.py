@@ -1398,7 +1398,7 @@ def _write_csvs(folder, assignment):
 
 
 def test_refine_follows_the_split_csvs(raw_tree, tmp_path):
-    rels = rr.scan_tree(raw_tree)
+    rels = rr.scan_tree(raw_tree)[0]
     assignment = {rel: rr.SPLITS[i % 3] for i, rel in enumerate(rels[:-5])}   # 5 files left unlisted
     _write_csvs(str(tmp_path / "csv"), assignment)
     m = rr.refine(raw_tree, str(tmp_path / "out"), split_csv_dir=str(tmp_path / "csv"), no_clean=True, workers=0,
@@ -1419,6 +1419,145 @@ def test_refine_refuses_csv_paths_that_escape_the_root(raw_tree, tmp_path, capsy
                    str(tmp_path / "csv"), "--workers", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "escapes the data root" in err and len(err.strip().splitlines()) == 1
+
+
+def _bad_input_cases(raw_tree, tmp):
+    """(argv, what the one error line must name) for every kind of bad input refine_radimagenet.py is given."""
+    rels = rr.scan_tree(raw_tree)[0]
+    us = [r for r in rels if r.startswith("radiology_ai/US/")]
+    run = ["--data-path", raw_tree, "--output-dir", str(tmp / "out"), "--workers", "0"]
+
+    def csvs(name, rows, encoding="utf-8"):
+        folder = tmp / name
+        folder.mkdir()
+        for split in rr.SPLITS:
+            (folder / rr.CSV_NAMES[split]).write_bytes(("\n".join(rows if split == "train" else ["filename"]) + "\n")
+                                                       .encode(encoding))
+        return str(folder)
+
+    def masks(name, array):
+        folder = tmp / name
+        folder.mkdir()
+        for rel in us:
+            np.save(folder / (os.path.splitext(os.path.basename(rel))[0] + ".npy"), np.zeros((224, 224, 3), np.int16))
+        np.save(folder / (os.path.splitext(os.path.basename(us[0]))[0] + ".npy"), array, allow_pickle=True)
+        return str(folder)
+    (tmp / "a_file").write_text("x")
+    (tmp / "out_link_target").mkdir()
+    (tmp / "planted").mkdir()
+    os.symlink(str(tmp / "out_link_target"), str(tmp / "planted" / "train"))
+    return [
+        (run + ["--split-csv-dir", csvs("latin1", ["filename", f"{rels[0]}", "radiology_ai/US/ovary/caf\xe9.png"],
+                                        "latin-1")], "RadiologyAI_train.csv"),
+        (run + ["--split-csv-dir", csvs("short", ["label,filename", f"x,{rels[0]}", "y"])], "line 3"),
+        (run + ["--split-csv-dir", csvs("missing", ["filename", rels[0], "radiology_ai/US/ovary/gone.png"])],
+         "--allow-missing"),
+        (run + ["--split-csv-dir", str(tmp / "a_file")], "--split-csv-dir"),
+        (run + ["--correction-masks", masks("shape", np.zeros((100, 100), np.int16))], "shape (100, 100)"),
+        (run + ["--correction-masks", masks("pickle", np.array([{"a": 1}] * 4, dtype=object))], "pickled"),
+        (run + ["--correction-masks", str(tmp / "a_file")], "--correction-masks"),
+        (["--data-path", raw_tree, "--output-dir", str(tmp / "a_file")], "--output-dir"),
+        (["--data-path", raw_tree, "--output-dir", os.path.join(raw_tree, "radiology_ai", "out")], "--output-dir"),
+        (["--data-path", raw_tree, "--output-dir", str(tmp / "planted")], "symbolic link"),
+        (["--data-path", str(tmp / "nowhere"), "--output-dir", str(tmp / "o")], "--data-path"),
+        (["--data-path", str(tmp / "a_file"), "--output-dir", str(tmp / "o")], "--data-path"),
+        (["--make-demo", str(tmp / "a_file")], "--make-demo"),
+        (["--demo-report", str(tmp / "nowhere" / "x.png")], "--demo-report"),
+        (["--demo-report", str(tmp)], "--demo-report"),
+        (run + ["--colour-threshold", "-1"], "--colour-threshold"),
+        (run + ["--black-level", "300"], "--black-level"),
+        (run + ["--halo", "9"], "--halo"),
+        (run + ["--seed", "-1"], "--seed"),
+        (run + ["--seed", "abc"], "--seed"),
+        (run[:-1] + ["-2"], "--workers"),
+        (run + ["--ratios", "0.5", "0.5", "0.5"], "--ratios"),
+        (run + ["--ratios", "nan", "0.5", "0.5"], "--ratios"),
+        (["--make-demo", str(tmp / "d"), "--demo-per-class", "0"], "--demo-per-class"),
+        (["--demo-report", str(tmp / "r.png"), "--demo-frames", "0"], "--demo-frames"),
+        (["--output-dir", str(tmp / "o")], "--data-path"),
+    ]
+
+
+def test_refine_bad_input_is_one_line_and_exit_code_2(raw_tree, tmp_path, capsys):
+    cases = _bad_input_cases(raw_tree, tmp_path)
+    for argv, names in cases:
+        try:
+            code = rr.cli(argv)
+        except SystemExit as e:                                              # argparse's own errors
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, (argv, err)
+        assert names in err and "Traceback" not in err, (argv, err)
+    assert os.listdir(tmp_path / "out_link_target") == []                    # nothing written through the link
+
+
+def test_refine_allow_missing_goes_on_and_lists_them(raw_tree, tmp_path, capsys):
+    rels = rr.scan_tree(raw_tree)[0]
+    _write_csvs(str(tmp_path / "csv"), {**{r: "train" for r in rels[:6]}, "radiology_ai/CT/abd/cyst/gone.png": "val"})
+    code = rr.cli(["--data-path", raw_tree, "--output-dir", str(tmp_path / "o"), "--split-csv-dir",
+                   str(tmp_path / "csv"), "--allow-missing", "--workers", "0", "--no-clean"])
+    out = capsys.readouterr().out
+    assert code == 0 and "1 listed files are missing (first: radiology_ai/CT/abd/cyst/gone.png)" in out
+    m = json.load(open(tmp_path / "o" / "manifest.json"))
+    assert m["listed_but_missing"] == ["radiology_ai/CT/abd/cyst/gone.png"] and m["images_written"] == 6
+    for path in ("manifest.json", "manifest_images.csv", "train"):                # every path written is printed
+        assert os.path.join(str(tmp_path / "o"), path) in out
+
+
+def test_refine_follows_links_inside_the_root_only_once_and_never_writes_through_one(tmp_path):
+    import shutil
+    root = tmp_path / "raw"
+    rr.make_demo(str(root), per_class=3, seed=2)
+    ct = root / "radiology_ai" / "CT" / "abd" / "normal"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(outside / "secret.png")
+    os.symlink(str(outside), str(ct / "away"))                               # out of the root
+    os.symlink(str(root / "radiology_ai" / "CT"), str(ct / "loop"))          # round a loop
+    os.symlink(str(outside / "secret.png"), str(ct / "secret.png"))          # a file out of the root
+    first = sorted(f for f in os.listdir(ct) if f.startswith("ct_"))[0]
+    os.symlink(str(ct / first), str(ct / "again.png"))                       # the same file twice
+    os.symlink(str(root / "radiology_ai" / "MR"), str(root / "radiology_ai" / "CT" / "mr"))   # a second view
+    store = root / "store"                                                   # inside --data-path, outside the tree:
+    shutil.move(str(root / "radiology_ai" / "US" / "ovary"), str(store))    # followed
+    os.symlink(str(store), str(root / "radiology_ai" / "US" / "ovary"))
+    files, skipped = rr.scan_tree(str(root))
+    assert not any("secret" in f or "/away/" in f or "/loop/" in f or "again" in f for f in files)
+    assert skipped["links_out_of_root"] == ["radiology_ai/CT/abd/normal/away", "radiology_ai/CT/abd/normal/secret.png"]
+    assert skipped["link_loops"] == ["radiology_ai/CT/abd/normal/loop"]
+    assert skipped["same_file_twice"] == [f"radiology_ai/CT/abd/normal/again.png = radiology_ai/CT/abd/normal/{first}",
+                                          "radiology_ai/CT/mr = radiology_ai/MR"]
+    assert len(files) == 27 and sum(f.startswith("radiology_ai/US/ovary/") for f in files) == 3   # each file once
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(str(victim), str(out / ".progress.jsonl"))                    # a planted link among refine's files
+    assert rr.cli(["--data-path", str(root), "--output-dir", str(out), "--workers", "0"]) == 2
+    assert victim.read_text() == "keep me"
+
+
+def test_refine_disk_full_is_one_line_and_leaves_no_temporary_file(raw_tree, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(fh, data):
+        fh.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(rr, "_write_bytes", full)
+    code = rr.cli(["--data-path", raw_tree, "--output-dir", str(tmp_path / "o"), "--workers", "0", "--no-clean"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err, err
+    assert "re-run the same command" in err
+    assert not [f for _, _, fs in os.walk(tmp_path / "o") for f in fs if f.endswith(".part")]
+
+
+def test_refine_help_explains_every_flag_and_shows_each_default_once():
+    for action in rr.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and len(action.help) > 20, action.dest
+        shown = action.help.count("(default:")
+        assert shown == (action.default is not None and action.default is not False), action.dest  # once
 
 
 def test_refine_resumed_after_interruption_equals_a_straight_run(raw_tree, refined, tmp_path, monkeypatch):
@@ -1462,7 +1601,7 @@ def test_correction_mask_is_added_without_wraparound_in_rgb_order():
 def test_refine_applies_the_authors_masks(raw_tree, tmp_path):
     masks = tmp_path / "masks"
     masks.mkdir()
-    us = [r for r in rr.scan_tree(raw_tree) if r.startswith("radiology_ai/US/")]
+    us = [r for r in rr.scan_tree(raw_tree)[0] if r.startswith("radiology_ai/US/")]
     for rel in us[:-1]:
         np.save(masks / (os.path.splitext(os.path.basename(rel))[0] + ".npy"), np.full((224, 224, 3), 3, np.int16))
     m = rr.refine(raw_tree, str(tmp_path / "o"), correction_masks=str(masks), workers=0, log=lambda *_: None)
