@@ -8,14 +8,15 @@ their precomputed correction masks; this one does the whole job from the raw tre
     python refine_radimagenet.py ... --split-csv-dir /data/RadImageNet     # the official RadiologyAI_*.csv splits
     python refine_radimagenet.py ... --correction-masks /data/correction_masks   # the authors' masks instead
     python refine_radimagenet.py --make-demo demo_raw                      # a small raw-like tree to try it on
+    python refine_radimagenet.py --demo-report docs/refine_demo.png        # the cleaning's figures, measured
 
 Input: <data-path>/radiology_ai/{CT,MR}/<anatomy>/<label>/*.png and radiology_ai/US/<label>/*.png.
 Classes: CT__<anatomy>__<label>, MR__<anatomy>__<label>, US__<label> (165 on the full set).
 Output: <output-dir>/{train,val,test}/<class>/<file>.png (8-bit), manifest.json (counts per class and split,
 duplicates, blanks, unreadable files, the arguments, a checksum of every output) and manifest_images.csv (one row per
 image: split, class, source, action, pixels changed, sha256). Re-running the same command resumes: finished outputs
-are kept (each was written atomically) and only the rest is done. Image work is numpy and PIL only (decoding
-comes from pgnm.py, so torch must be importable).
+are kept (each was written atomically) and only the rest is done. Bad input is one "error:" line on stderr and exit
+code 2. Image work is numpy and PIL only (decoding comes from pgnm.py, so torch must be importable).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -353,7 +355,10 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
     lo = np.minimum.reduce(fifths) if cand.size else np.zeros(0)
     good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)] \
         if cand.size else cand
-    for a in good:                                        # paint, trimming ends that the row of dots does not reach
+    near = np.zeros(z.shape, bool)
+    for a in good[np.argsort(-length[good], kind="stable")]:   # longest first; paint, trimming ends the dots miss
+        if near[ys[i[a]], xs[i[a]]] and near[ys[j[a]], xs[j[a]]]:
+            continue                                      # a piece of a segment already painted
         s = np.linspace(0, 1, int(length[a]) + 1)
         sy, sx = (3 * dx[a] / length[a], -3 * dy[a] / length[a])
         on, ok = along(np.array([a]), s)
@@ -363,6 +368,7 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
         if kept.size:
             s = s[kept[0]:kept[-1] + 1]
             out[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)] = True
+            near = grow_mask(out, 1)
     return out | (grow_mask(out, 1) & (z > p.caliper_peak - 0.5) & valid)
 
 
@@ -1078,6 +1084,14 @@ def _write_bytes(fh, data: bytes) -> None:
     fh.write(data)
 
 
+@functools.lru_cache(maxsize=None)
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (0o666 less the umask); mkstemp's own is 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_atomic(data: bytes, dst: str) -> None:
     """dst written whole or not at all: a fresh temporary file beside it (created exclusively, so never an existing
     file or a planted link) renamed over it (a rename replaces a link at dst, never writes through it). The temporary
@@ -1086,6 +1100,7 @@ def _write_atomic(data: bytes, dst: str) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             _write_bytes(fh, data)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1491,18 +1506,18 @@ def demo_report(png: str | None = None, frames: int = 60, seed: int = 1, params:
     of raw | refined | clean truth there."""
     rng = np.random.default_rng(seed)
     total: dict = {}
-    seconds, shown = 0.0, []
+    seconds, cpu, shown = 0.0, 0.0, []
     for _ in range(frames):
         raw, clean, _ = stored_frame(rng)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         refined = np.asarray(clean_ultrasound(Image.fromarray(raw), params)[0])
-        seconds += time.perf_counter() - t0
+        seconds, cpu = seconds + time.perf_counter() - t0, cpu + time.process_time() - c0
         for k, v in frame_metrics(raw, clean, refined).items():
             total[k] = total.get(k, 0.0) + v
         if len(shown) < rows:
             shown.append(np.concatenate([raw] + [np.repeat(a[..., None], 3, 2) for a in (refined, clean)], 1))
     fig = summarise(total)
-    fig["images_per_s"] = frames / max(seconds, 1e-9)
+    fig["images_per_s"], fig["images_per_cpu_s"] = frames / max(seconds, 1e-9), frames / max(cpu, 1e-9)
     log(f"demo report: {frames} synthetic frames (seed {seed}), 224 x 224, cleaning only, one process")
     log(f"  stroke pixels removed          {fig['stroke_removed_pct']:.1f}% of the annotation's stroke pixels "
         f"(refined / raw stroke pixels {fig['refined_to_raw_strokes_pct']:.0f}%; clean truth / raw "
@@ -1513,7 +1528,8 @@ def demo_report(png: str | None = None, frames: int = 60, seed: int = 1, params:
         f"{fig['smooth_fill_mae']:.1f})")
     log(f"  fill texture vs truth          residual std {fig['fill_std']:.1f} vs {fig['truth_std']:.1f}; lag-1 "
         f"autocorrelation (grain) {fig['fill_lag1']:.2f} vs {fig['truth_lag1']:.2f}")
-    log(f"  speed                          {fig['images_per_s']:.1f} images/s")
+    log(f"  speed, one process             {fig['images_per_s']:.1f} images/s wall clock, "
+        f"{fig['images_per_cpu_s']:.1f} per CPU second")
     if png:
         _write_atomic(_png_bytes(Image.fromarray(np.concatenate(shown, 0)).quantize(64)), png)
         log(f"  wrote {png} (rows of raw | refined | clean truth)")

@@ -1549,6 +1549,11 @@ def test_refine_disk_full_is_one_line_and_leaves_no_temporary_file(raw_tree, tmp
     assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err, err
     assert "re-run the same command" in err
     assert not [f for _, _, fs in os.walk(tmp_path / "o") for f in fs if f.endswith(".part")]
+    monkeypatch.undo()
+    rr._write_atomic(b"x", str(tmp_path / "plain.bin"))                       # files get the usual mode, not 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "plain.bin").st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_refine_help_explains_every_flag_and_shows_each_default_once():
