@@ -1204,14 +1204,15 @@ def check_run_arguments_numbers(ratios: Sequence[float], seed: int, workers: int
 
 
 def check_run_arguments(data_path: str, output_dir: str, ratios: Sequence[float], seed: int, workers: int,
-                        params: CleanParams) -> None:
-    """Every numeric and path argument, before any work, with a message that says what to do."""
+                        params: CleanParams) -> str:
+    """Every numeric and path argument, before any work, with a message that says what to do; the data root."""
     check_run_arguments_numbers(ratios, seed, workers, params)
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output-dir {output_dir} exists and is not a folder: give a folder (created if missing)")
     base = find_base(data_path)
     if _inside(os.path.realpath(output_dir), os.path.realpath(os.path.join(base, "radiology_ai"))):
         raise UserError(f"--output-dir {output_dir} is inside --data-path's radiology_ai/: put it elsewhere")
+    return base
 
 
 @dataclass
@@ -1384,10 +1385,9 @@ def refine(data_path: str, output_dir: str, split_csv_dir: str | None = None, co
            dry_run: bool = False, params: CleanParams = CleanParams(), log=print,
            allow_missing: bool = False) -> dict:
     """The whole job; returns the manifest (for --dry-run, the plan)."""
-    check_run_arguments(data_path, output_dir, ratios, seed, workers, params)
+    base = check_run_arguments(data_path, output_dir, ratios, seed, workers, params)
     if correction_masks and not os.path.isdir(correction_masks):
         raise UserError(f"--correction-masks {correction_masks} is not a folder of <name>.npy masks")
-    base = find_base(data_path)
     items, listed, notes = _discover(base, split_csv_dir, allow_missing, log)
     log(f"refine: {len(items)} images in {len(set(items.values()))} classes under {base}")
     if not dry_run:
