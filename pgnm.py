@@ -251,16 +251,21 @@ def beta_distribution(log_alpha: torch.Tensor, log_beta: torch.Tensor) -> torch.
     return torch.distributions.Beta(a, b, validate_args=False)
 
 
-def sample_beta_mask(log_alpha: torch.Tensor, log_beta: torch.Tensor,
-                     eps: float = BETA_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_beta_mask(log_alpha: torch.Tensor, log_beta: torch.Tensor, eps: float = BETA_EPS,
+                     return_clamped: bool = False):
     """Eq. 4 and 7: M ~ B(exp a, exp b) (no reparameterisation), logP = log B(M).   (B, G*G) -> (B, G*G) x2
 
     Always float32, also under autocast. M is clamped to [eps, 1-eps] before log_prob so logP stays finite;
-    the clamped M is both the action and what logP scores. Draws from the device's default generator."""
+    the clamped M is both the action and what logP scores. Draws from the device's default generator.
+    With return_clamped, also the number of elements the clamp changed (a 0-d int64 tensor on the device, no sync):
+    for concentrations below ~0.5 the clamp binds often enough to lower logP measurably (README)."""
     with torch.autocast(device_type=log_alpha.device.type, enabled=False):
         dist_ = beta_distribution(log_alpha, log_beta)
-        mask = dist_.sample().clamp_(eps, 1.0 - eps)
+        raw = dist_.sample()
+        mask = raw.clamp(eps, 1.0 - eps)
         logp = dist_.log_prob(mask)
+    if return_clamped:
+        return mask, logp, (mask != raw).sum()
     return mask, logp
 
 
@@ -1337,6 +1342,16 @@ class StepState:
     bad_in_a_row: int = 0      # non-finite steps since the last good one
     bad_total: int = 0         # non-finite steps in the whole run
     amp_skipped: int = 0       # fp16 overflows that GradScaler skipped (expected now and then; it lowers its scale)
+    clamped: torch.Tensor | None = None   # this epoch's mask elements changed by the [eps, 1-eps] clamp (device int64)
+    sampled: int = 0                      # this epoch's mask elements sampled (the clamped fraction's denominator)
+
+
+def clamp_counts(state: StepState, device: torch.device) -> tuple[int, int]:
+    """This epoch's (clamped, sampled) mask elements summed over ranks. A collective: every rank calls it."""
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    t = torch.stack([state.clamped if state.clamped is not None else zero, zero + state.sampled])
+    c, n = all_reduce_sum(t).tolist()
+    return int(c), int(n)
 
 
 class Forward(NamedTuple):
@@ -1352,7 +1367,8 @@ def make_mask(run: Run, state: StepState, x: torch.Tensor):
     """Algorithm 1 up to 'sample the noise matrix', for a batch: the policy's Beta parameters (eq. 2), mixed with the
     dataset-level ones of *before* this step (eq. 10-11); the next dataset-level parameters (eq. 12-13, batch mean over
     all ranks, not committed here); the sampled mask (eq. 4) upsampled and blurred (Fig. 4); and logP (eq. 7).
-    Without a policy (Table 4 ablations) the mask is fixed noise and logP, next_d are None.
+    Without a policy (Table 4 ablations) the mask is fixed noise and logP, next_d are None. Counts the mask elements
+    the clamp changed into state.clamped/sampled (a measurement: it counts skipped steps too).
     x (B, 3, H, W) -> M_in (B, 1, H, W), logP (B, G*G), (alpha_d', beta_d') (1, G*G) each"""
     cfg, size = run.cfg, x.shape[-2:]
     if run.policy is None:
@@ -1368,7 +1384,9 @@ def make_mask(run: Run, state: StepState, x: torch.Tensor):
     batch_mean = all_reduce_mean(torch.cat([a.detach().mean(0, keepdim=True), b.detach().mean(0, keepdim=True)]))
     next_d = (ema_update(state.alpha_d, batch_mean[:1], cfg.tau_dataset),         # eq. 12
               ema_update(state.beta_d, batch_mean[1:], cfg.tau_dataset))          # eq. 13
-    mask, logp = sample_beta_mask(alpha_img, beta_img)                            # eq. 4, 7
+    mask, logp, n_clamped = sample_beta_mask(alpha_img, beta_img, return_clamped=True)   # eq. 4, 7
+    state.clamped = n_clamped if state.clamped is None else state.clamped + n_clamped
+    state.sampled += mask.numel()
     return upsample_blur(mask, size, cfg.kernel, cfg.sigma), logp, next_d         # Fig. 4
 
 
@@ -1672,6 +1690,9 @@ def build_schedulers(cfg: Config, optimizer, pol_optimizer):
 def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> dict:
     """The checkpoint.pth payload: the authors' key names, plain types only (torch.load(weights_only=True) works).
     epoch/step: the epoch being trained and how many of its steps are done (step == steps_per_epoch: complete)."""
+    counters = {"bad_total": state.bad_total, "amp_skipped": state.amp_skipped}
+    if state.alpha_d is not None:
+        counters["mask_clamped"], counters["mask_sampled"] = clamp_counts(state, run.info.device)
     rngs = [rng_state()]
     if run.info.distributed:
         rngs = [None] * run.info.world
@@ -1691,7 +1712,7 @@ def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per
         "steps_per_epoch": steps_per_epoch,
         "world_size": run.info.world,
         "meter": {"loss_sum": float(meter["loss_sum"]), "n_ok": int(meter["n_ok"])},
-        "counters": {"bad_total": state.bad_total, "amp_skipped": state.amp_skipped},
+        "counters": counters,
         "args": dataclasses.asdict(run.cfg),
         "rng": rngs,
         "pgnm_version": file_hash(),
@@ -1724,6 +1745,10 @@ def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> N
         run.scaler.load_state_dict(ckpt["scaler"])
     counters = ckpt.get("counters") or {}
     state.bad_total, state.amp_skipped = counters.get("bad_total", 0), counters.get("amp_skipped", 0)
+    if state.alpha_d is not None and run.info.is_main and "mask_sampled" in counters:
+        # the epoch's clamp counts so far, summed over ranks: rank 0 carries them on, the others restart at 0
+        state.clamped = torch.tensor(counters["mask_clamped"], dtype=torch.int64, device=dev)
+        state.sampled = int(counters["mask_sampled"])
     rngs = ckpt.get("rng") or []
     if len(rngs) == run.info.world:
         set_rng_state(rngs[run.info.rank])
@@ -1952,6 +1977,8 @@ def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict
         rec["skipped_images"] = bad_images
     if state.alpha_d is not None:
         rec.update(alpha_d_mean=float(state.alpha_d.mean()), beta_d_mean=float(state.beta_d.mean()))
+        clamped, sampled = clamp_counts(state, run.info.device)
+        rec.update(clamped_elements=clamped, clamped_fraction=clamped / max(sampled, 1))
     val = data.eval_loaders["val"]
     rec.update({f"val_{k}": v for k, v in evaluate(run, state, val, epoch).items()})
     if run.heated:
@@ -1970,6 +1997,8 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -
             step0 = start.step if epoch == start.epoch else 0
             meter = dict(start.meter) if epoch == start.epoch else {"loss_sum": 0.0, "n_ok": 0}
             data.sampler.set_epoch(epoch, step0)
+            if step0 == 0:                 # a resumed mid-epoch run keeps the counts restored from its checkpoint
+                state.clamped, state.sampled = None, 0
             bad0 = data.train.bad_count.value if data.train.bad_count is not None else 0
 
             def on_step(step, loss_sum, n_ok, stop, epoch=epoch, meter=meter):

@@ -113,6 +113,49 @@ def test_beta_math_finite_for_extreme_parameters(value):
     assert torch.isfinite(la.grad).all() and torch.isfinite(lb.grad).all()
 
 
+def test_clamp_count_is_what_the_clamp_changed_and_follows_the_beta_tail():
+    """The count against the same draws made by hand, and its rate against the Beta tail: for Beta(c, c),
+    P(M < eps) + P(M > 1 - eps) = 2 eps^c / (c B(c, c)) to first order in eps."""
+    la = torch.full((64, 4096), math.log(0.5))
+    torch.manual_seed(3)
+    raw = pgnm.beta_distribution(la, la).sample()
+    torch.manual_seed(3)
+    m, logp, n = pgnm.sample_beta_mask(la, la, return_clamped=True)
+    assert n.dtype == torch.int64 and n.ndim == 0
+    assert int(n) == int(((raw < pgnm.BETA_EPS) | (raw > 1 - pgnm.BETA_EPS)).sum()) > 0
+    assert torch.equal(m, raw.clamp(pgnm.BETA_EPS, 1 - pgnm.BETA_EPS))
+    for c in (2.0, 0.5, 0.3):
+        la = torch.full((64, 4096), math.log(c))
+        _, _, n = pgnm.sample_beta_mask(la, la, return_clamped=True)
+        expected = la.numel() * 2 * pgnm.BETA_EPS ** c / (c * math.exp(2 * math.lgamma(c) - math.lgamma(2 * c)))
+        assert abs(int(n) - expected) <= 5 * math.sqrt(expected) + 1, (c, int(n), expected)
+
+
+@pytest.mark.parametrize("grid,lower", [(32, {0.5: (0.015, 0.06), 0.3: (0.24, 0.36)}),
+                                        (64, {0.5: (0.025, 0.075), 0.3: (0.30, 0.42)})])
+def test_clamp_lowers_eq8_multiplier_by_the_readme_amounts(grid, lower):
+    """README, 'Where we differ': the clamp lowers eq. 8's multiplier mean_b(logsumexp_j logP) for concentrations
+    below ~0.5. Exact logP from float64 gamma draws (M = g1 / (g1 + g2), so log M and log(1 - M) need no rounding)
+    against our float32 clamp + log_prob of the same M; Monte Carlo with a fixed seed."""
+    gen = torch.Generator().manual_seed(0)
+    for c in (1.0, 0.5, 0.3):
+        conc = torch.full((128, grid * grid), c, dtype=torch.float64)
+        g1, g2 = torch._standard_gamma(conc, generator=gen), torch._standard_gamma(conc, generator=gen)
+        log_total = (g1 + g2).log()
+        log_beta_fn = 2 * math.lgamma(c) - math.lgamma(2 * c)
+        exact = (c - 1) * (g1.log() - log_total) + (c - 1) * (g2.log() - log_total) - log_beta_fn
+        la = torch.full(conc.shape, math.log(c))
+        ours = pgnm.beta_distribution(la, la).log_prob((g1 / (g1 + g2)).float().clamp(pgnm.BETA_EPS, 1 - pgnm.BETA_EPS))
+        m_exact = torch.logsumexp(exact, 1).mean().item()
+        m_ours = torch.logsumexp(ours.double(), 1).mean().item()
+        drop = (m_exact - m_ours) / m_exact
+        if c == 1.0:
+            assert abs(drop) < 1e-4                   # Beta(1, 1) is flat: the clamp changes nothing
+        else:
+            lo, hi = lower[c]
+            assert lo < drop < hi, (grid, c, drop)
+
+
 @pytest.mark.parametrize("grid,size,kernel,sigma", [(64, 224, 13, 6.0), (16, 64, 5, 2.0), (7, 33, 13, 6.0),
                                                     (5, 31, 3, 0.7), (33, 33, 13, 6.0), (8, 45, 9, 3.5),
                                                     (8, 40, 0, 1.0), (3, 17, 15, 10.0)])
