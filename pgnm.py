@@ -127,6 +127,8 @@ class Config:
                                     "phase finetune defaults to <output-dir>/../heated/model_heated.pth")
     resume: str | None = _f(None, "PATH of a checkpoint, or 'auto': the output directory's checkpoint if any")
     save_every_steps: int = _f(0, "also checkpoint every N training steps (0 = at epoch ends only)")
+    average_last: int = _f(0, "also write model_<phase>_avgN.pth, the mean of the last N epochs' classifier "
+                              "weights (the authors' release step, N = 3); 0 = off")
     max_bad_steps: int = _f(20, "stop after this many non-finite steps in a row (each is skipped and counted)")
     # --- speed and scale ---------------------------------------------------------------------------------------------
     amp: bool = _f(False, "mixed precision: autocast + GradScaler (fp16); Beta math stays float32")
@@ -220,6 +222,8 @@ def validate_config(cfg: Config) -> None:
     need(cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0")
     need(cfg.policy_size is None or cfg.policy_size >= 16, f"--policy-size {cfg.policy_size}: at least 16 px")
     need(cfg.save_every_steps >= 0, f"--save-every-steps {cfg.save_every_steps}: must be >= 0")
+    need(0 <= cfg.average_last <= cfg.epochs, f"--average-last {cfg.average_last}: must be between 0 (off) and "
+         f"--epochs ({cfg.epochs})")
     need(cfg.max_bad_steps >= 1, f"--max-bad-steps {cfg.max_bad_steps}: must be at least 1")
     need(0.0 < cfg.val_split < 0.5, f"--val-split {cfg.val_split}: must be in (0, 0.5)")
 
@@ -1224,6 +1228,68 @@ def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
     return strip_prefixes(obj)
 
 
+def average_state_dicts(state_dicts: Sequence[dict]) -> dict:
+    """The key-by-key mean of N state dicts, the authors' release step (their utils/weight_averaging.py averages the
+    last three epochs' weights). Floating tensors: summed in the given order in their own dtype, then divided by N,
+    as theirs (bit for bit). Integer tensors (BatchNorm's num_batches_tracked): the floor of the mean, kept integer;
+    theirs turn into float32 means, which load_state_dict truncates to the same count. Keys, their order (the first
+    dict's) and dtypes are kept, so the result loads with strict=True wherever the inputs do."""
+    if not state_dicts:
+        raise UserError("nothing to average: give at least one state dict")
+    first = state_dicts[0]
+    for i, sd in enumerate(state_dicts[1:], start=1):
+        if set(sd) != set(first):
+            diff = sorted(set(sd) ^ set(first))
+            raise UserError(f"state dict {i} has other keys than the first ({diff[:3]}): average weights of one model")
+        bad = [k for k in first if sd[k].shape != first[k].shape or sd[k].dtype != first[k].dtype]
+        if bad:
+            raise UserError(f"state dict {i} differs from the first at {bad[:3]} (shape or dtype): "
+                            f"average weights of one model")
+    n, out = len(state_dicts), {}
+    for k, v in first.items():
+        if v.is_floating_point():
+            total = v.detach().cpu().clone()
+            for sd in state_dicts[1:]:
+                total = total + sd[k].detach().cpu()
+            out[k] = total / n
+        else:
+            total = sum(sd[k].detach().cpu().long() for sd in state_dicts)
+            out[k] = torch.div(total, n, rounding_mode="floor").to(v.dtype)
+    return out
+
+
+def average_checkpoints(paths: Sequence[str], output: str, log=print) -> dict:
+    """Average the classifier weights of checkpoint or weight files (ours, the authors' model_<epoch>.pth, timm,
+    torchvision; prefixes stripped) into `output`, a bare state_dict. Returns the average."""
+    avg = average_state_dicts([load_classifier_weights(p, "--average") for p in paths])
+    atomic_save(avg, output)
+    log(f"saved {output}: the mean of {len(paths)} state dicts ({', '.join(os.path.basename(p) for p in paths)})")
+    return avg
+
+
+EPOCH_WEIGHTS = "epoch_weights"
+
+
+def epoch_weights_path(output_dir: str, epoch: int) -> str:
+    """Where --average-last keeps the classifier weights after epoch `epoch` (1-based, as log.jsonl counts)."""
+    return os.path.join(output_dir, EPOCH_WEIGHTS, f"model_epoch{epoch:03d}.pth")
+
+
+def average_last_epochs(cfg: Config, log=print) -> str | None:
+    """--average-last N: the mean of the weights kept after the last N epochs, written to model_<phase>_avgN.pth.
+    The kept files are in the output directory, so a resumed run averages the same ones a straight run would."""
+    n = cfg.average_last
+    paths = [epoch_weights_path(cfg.output_dir, e) for e in range(cfg.epochs - n + 1, cfg.epochs + 1)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        log(f"warning: no average of the last {n} epochs: {missing[0]} is missing (resumed from a run without "
+            f"--average-last?); `python pgnm.py --average FILE ...` averages any weight files")
+        return None
+    out = os.path.join(cfg.output_dir, f"model_{cfg.phase}_avg{n}.pth")
+    average_checkpoints(paths, out, log)
+    return out
+
+
 def load_into_classifier(model: ResNet, state_dict: dict, source: str, arch: str, log=print) -> None:
     """Load backbone weights strictly; the head is re-initialised (with a message) when the class count differs.
     A state_dict of another architecture is refused with a message naming the right --model."""
@@ -2020,6 +2086,9 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -
                             if k in rec))
             if run.info.is_main:       # the line first: a run killed before the checkpoint re-trains the epoch,
                 _append_jsonl(log_path, rec)                # and the resume trims the line again
+                if cfg.average_last and epoch >= cfg.epochs - cfg.average_last:   # before the checkpoint, likewise
+                    os.makedirs(os.path.join(out_dir, EPOCH_WEIGHTS), exist_ok=True)
+                    atomic_save(run.model_raw.state_dict(), epoch_weights_path(out_dir, epoch + 1))
             save_checkpoint(run, state, epoch, spe, spe, {"loss_sum": 0.0, "n_ok": 0})
             if run.info.is_main:
                 if cfg.save_masks and stats["last_batch"] is not None:
@@ -2048,6 +2117,8 @@ def finish(run: Run, state: StepState, data: Data, last: dict, log) -> dict:
         weights = os.path.join(out_dir, f"model_{cfg.phase}.pth")
         atomic_save(run.model_raw.state_dict(), weights)
         log(f"saved {weights} (classifier only; loads into timm/torchvision {cfg.model} with strict=True)")
+        if cfg.average_last:
+            average_last_epochs(cfg, log)
     final["output_dir"] = out_dir
     return final
 
@@ -2262,6 +2333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="time a heated step and its parts (see bench())")
     p.add_argument("--bench-data", metavar="PATH", help="time the training data loader alone on this data set")
     p.add_argument("--bench-rounds", type=int, help="timed rounds per variant (default 20)")
+    p.add_argument("--average", nargs="+", metavar="PATH", help="average these weight or checkpoint files (e.g. the "
+                   "authors' model_87..89.pth) into --average-output, and exit")
+    p.add_argument("--average-output", metavar="PATH", help="where --average writes (default: model_avgN.pth next to "
+                   "the first file)")
     return p
 
 
@@ -2269,7 +2344,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     do_bench, bench_path, rounds = args.pop("bench", False), args.pop("bench_data", None), args.pop("bench_rounds", 20)
     phase = args.pop("phase", "heated")
+    average, average_output = args.pop("average", None), args.pop("average_output", None)
     try:
+        if average:
+            average_checkpoints(average, average_output or os.path.join(os.path.dirname(os.path.abspath(average[0])),
+                                                                        f"model_avg{len(average)}.pth"))
+            return 0
         if bench_path is not None:
             args["data_path"] = bench_path
             bench_data(make_config(phase, **args))

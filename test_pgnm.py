@@ -419,6 +419,97 @@ def test_atomic_save_keeps_previous(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+def _three_trained_looking_state_dicts():
+    """Three resnet10t state dicts with different weights, BatchNorm statistics and batch counts (int64)."""
+    sds = []
+    for i, count in enumerate((87 * 5, 88 * 5, 89 * 5 + 2)):
+        torch.manual_seed(i)
+        m = pgnm.resnet10t(num_classes=7)
+        with torch.no_grad():
+            for b in m.buffers():
+                b.copy_(torch.rand(b.shape) * 3 if b.is_floating_point() else torch.full(b.shape, count))
+        sds.append(m.state_dict())
+    return sds
+
+
+def test_average_state_dicts_equals_a_hand_average_and_loads_strictly():
+    import functools
+    import operator
+    sds = _three_trained_looking_state_dicts()
+    avg = pgnm.average_state_dicts(sds)
+    assert list(avg) == list(sds[0])                                            # keys and their order kept
+    for k, v in avg.items():
+        assert v.dtype == sds[0][k].dtype and v.shape == sds[0][k].shape, k
+        if v.is_floating_point():
+            assert torch.equal(v, (sds[0][k] + sds[1][k] + sds[2][k]) / 3), k  # the hand average, bit for bit
+        else:
+            assert int(v) == (87 * 5 + 88 * 5 + 89 * 5 + 2) // 3 == 440, k     # floor of the mean 440.67
+    pgnm.resnet10t(num_classes=7).load_state_dict(avg, strict=True)
+    # The authors' rule (sum, then divide every tensor by N) makes the count a float 440.67; loading it into a model
+    # truncates to the count ours stores.
+    theirs = {k: functools.reduce(operator.add, (sd[k] for sd in sds)) / len(sds) for k in sds[0]}
+    loaded = pgnm.resnet10t(num_classes=7)
+    loaded.load_state_dict(theirs, strict=True)
+    assert all(torch.equal(loaded.state_dict()[k], avg[k]) for k in avg)
+    with pytest.raises(pgnm.UserError, match="other keys"):
+        pgnm.average_state_dicts([sds[0], {k: v for k, v in sds[1].items() if k != "fc.bias"}])
+    with pytest.raises(pgnm.UserError, match="shape or dtype"):
+        pgnm.average_state_dicts([sds[0], pgnm.resnet10t(num_classes=5).state_dict()])
+
+
+def test_average_cli_reads_the_authors_epoch_files(tmp_path):
+    """`pgnm.py --average` on files laid out like the authors' model_<epoch>.pth (a 'model' key with torch.compile's
+    '_orig_mod.' prefix, argparse args)."""
+    sds = _three_trained_looking_state_dicts()
+    paths = []
+    for epoch, sd in zip((87, 88, 89), sds):
+        paths.append(str(tmp_path / f"model_{epoch}.pth"))
+        torch.save({"model": {f"_orig_mod.{k}": v for k, v in sd.items()}, "epoch": epoch,
+                    "args": argparse.Namespace(lr=0.1)}, paths[-1])
+    assert pgnm.cli(["--average", *paths]) == 0
+    out = torch.load(tmp_path / "model_avg3.pth", weights_only=True)
+    expected = pgnm.average_state_dicts(sds)
+    assert list(out) == list(expected) and all(torch.equal(out[k], expected[k]) for k in out)
+
+
+def test_average_last_survives_a_kill_and_counts_clamps_across_a_resume(tmp_path, monkeypatch):
+    """--average-last 2 on a 2-epoch heated run, straight and killed mid-epoch 2 then resumed: the same averaged
+    file, equal to the hand average of the kept epoch files; the epoch's clamp count carried over the resume.
+    Concentrations are scaled by 0.3 (so the clamp binds) in both runs."""
+    real_beta = pgnm.beta_distribution
+    monkeypatch.setattr(pgnm, "beta_distribution", lambda a, b: real_beta(a + math.log(0.3), b + math.log(0.3)))
+    kw = dict(epochs=2, average_last=2, save_every_steps=3, synthetic_per_class=2)     # 6 steps per epoch
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    pgnm.main(tiny(output_dir=straight, **kw))
+    kept = [torch.load(pgnm.epoch_weights_path(straight, e), weights_only=True) for e in (1, 2)]
+    avg = torch.load(os.path.join(straight, "model_heated_avg2.pth"), weights_only=True)
+    final = torch.load(os.path.join(straight, "model_heated.pth"), weights_only=True)
+    assert all(torch.equal(final[k], kept[1][k]) for k in final)                # epoch 2's file is the final model
+    assert all(torch.equal(avg[k], (kept[0][k] + kept[1][k]) / 2) for k in avg if avg[k].is_floating_point())
+
+    class Killed(Exception):
+        pass
+    real_save = pgnm.save_checkpoint
+
+    def save_then_die(run, state, epoch, step, *a):
+        real_save(run, state, epoch, step, *a)
+        if epoch == 1 and step == 3:
+            raise Killed
+    monkeypatch.setattr(pgnm, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        pgnm.main(tiny(output_dir=killed, **kw))
+    assert not os.path.exists(os.path.join(killed, "model_heated_avg2.pth"))
+    monkeypatch.setattr(pgnm, "save_checkpoint", real_save)
+    pgnm.main(tiny(output_dir=killed, resume="auto", **kw))
+    resumed = torch.load(os.path.join(killed, "model_heated_avg2.pth"), weights_only=True)
+    assert list(resumed) == list(avg) and all(torch.equal(resumed[k], avg[k]) for k in avg)
+    a = [r for r in read_log(straight) if not r.get("final")]
+    b = [r for r in read_log(killed) if not r.get("final")]
+    assert [r["clamped_elements"] for r in a] == [r["clamped_elements"] for r in b]
+    assert all(r["clamped_elements"] > 0 and 0 < r["clamped_fraction"] < 1 for r in a)
+    assert a[1]["clamped_fraction"] == a[1]["clamped_elements"] / (6 * 8 * 64)     # 6 steps x 8 images x 8 x 8
+
+
 # =====================================================================================================================
 #  Data
 # =====================================================================================================================
