@@ -6,8 +6,9 @@ Beta distribution per cell of a G x G grid; a noise mask is sampled from it, ups
 the image; the classifier sees only the masked image; both networks are trained with REINFORCE on eq. 8 of the
 paper. The policy is then thrown away and the heated classifier is *fine-tuned* on clean images.
 
-    # the main job: heated pretraining on 8 GPUs (paper recipe: resnet50, batch 32/GPU, 90 epochs, grid 64)
-    torchrun --nproc_per_node 8 pgnm.py --phase heated --data-path /data/radimagenet_refined --sync-bn --amp
+    # the main job: heated pretraining on 8 GPUs (paper recipe: resnet50, batch 32/GPU, 90 epochs, grid 64, fp32;
+    # add --amp for speed, which is ours: the authors' --amp was never applied)
+    torchrun --nproc_per_node 8 pgnm.py --phase heated --data-path /data/radimagenet_refined --sync-bn
     # fine-tune the heated classifier on clean images (finds runs/heated/model_heated.pth by itself)
     python pgnm.py --phase finetune --data-path /data/radimagenet_refined
     # plain supervised training for the paper's comparison rows

@@ -535,6 +535,17 @@ def test_to_rgb8_every_mode():
     assert pgnm.to_rgb8(Image.new("1", (3, 3), 1)).mode == "RGB"
 
 
+def test_sixteen_bit_is_scaled_where_the_authors_loader_clips(tmp_path):
+    """README, 'Where we differ': torchvision's default ImageFolder loader (the authors') clips 16-bit pixels at 255;
+    ours scales by the image's range."""
+    from torchvision.datasets.folder import default_loader
+    path = str(tmp_path / "ct16.png")
+    Image.fromarray(np.array([[0, 100, 255, 1000, 4095]], dtype=np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"
+    assert np.asarray(default_loader(path))[0, :, 0].tolist() == [0, 100, 255, 255, 255]
+    assert pgnm.load_image(path)[0, 0].tolist() == [0, 6, 16, 62, 255]
+
+
 def _write_imagefolder(root, classes=("a", "b", "c"), per=6, size=40, modes=("L", "RGB", "I;16", "RGBA", "P")):
     rng = np.random.default_rng(0)
     for split in ("train", "val", "test"):
