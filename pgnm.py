@@ -6,8 +6,9 @@ Beta distribution per cell of a G x G grid; a noise mask is sampled from it, ups
 the image; the classifier sees only the masked image; both networks are trained with REINFORCE on eq. 8 of the
 paper. The policy is then thrown away and the heated classifier is *fine-tuned* on clean images.
 
-    # the main job: heated pretraining on 8 GPUs (paper recipe: resnet50, batch 32/GPU, 90 epochs, grid 64)
-    torchrun --nproc_per_node 8 pgnm.py --phase heated --data-path /data/radimagenet_refined --sync-bn --amp
+    # the main job: heated pretraining on 8 GPUs (paper recipe: resnet50, batch 32/GPU, 90 epochs, grid 64, fp32;
+    # add --amp for speed, which is ours: the authors' --amp was never applied)
+    torchrun --nproc_per_node 8 pgnm.py --phase heated --data-path /data/radimagenet_refined --sync-bn
     # fine-tune the heated classifier on clean images (finds runs/heated/model_heated.pth by itself)
     python pgnm.py --phase finetune --data-path /data/radimagenet_refined
     # plain supervised training for the paper's comparison rows
@@ -127,6 +128,8 @@ class Config:
                                     "phase finetune defaults to <output-dir>/../heated/model_heated.pth")
     resume: str | None = _f(None, "PATH of a checkpoint, or 'auto': the output directory's checkpoint if any")
     save_every_steps: int = _f(0, "also checkpoint every N training steps (0 = at epoch ends only)")
+    average_last: int = _f(0, "also write model_<phase>_avgN.pth, the mean of the last N epochs' classifier "
+                              "weights (the authors' release step, N = 3); 0 = off")
     max_bad_steps: int = _f(20, "stop after this many non-finite steps in a row (each is skipped and counted)")
     # --- speed and scale ---------------------------------------------------------------------------------------------
     amp: bool = _f(False, "mixed precision: autocast + GradScaler (fp16); Beta math stays float32")
@@ -220,6 +223,8 @@ def validate_config(cfg: Config) -> None:
     need(cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0")
     need(cfg.policy_size is None or cfg.policy_size >= 16, f"--policy-size {cfg.policy_size}: at least 16 px")
     need(cfg.save_every_steps >= 0, f"--save-every-steps {cfg.save_every_steps}: must be >= 0")
+    need(0 <= cfg.average_last <= cfg.epochs, f"--average-last {cfg.average_last}: must be between 0 (off) and "
+         f"--epochs ({cfg.epochs})")
     need(cfg.max_bad_steps >= 1, f"--max-bad-steps {cfg.max_bad_steps}: must be at least 1")
     need(0.0 < cfg.val_split < 0.5, f"--val-split {cfg.val_split}: must be in (0, 0.5)")
 
@@ -251,16 +256,21 @@ def beta_distribution(log_alpha: torch.Tensor, log_beta: torch.Tensor) -> torch.
     return torch.distributions.Beta(a, b, validate_args=False)
 
 
-def sample_beta_mask(log_alpha: torch.Tensor, log_beta: torch.Tensor,
-                     eps: float = BETA_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_beta_mask(log_alpha: torch.Tensor, log_beta: torch.Tensor, eps: float = BETA_EPS,
+                     return_clamped: bool = False):
     """Eq. 4 and 7: M ~ B(exp a, exp b) (no reparameterisation), logP = log B(M).   (B, G*G) -> (B, G*G) x2
 
     Always float32, also under autocast. M is clamped to [eps, 1-eps] before log_prob so logP stays finite;
-    the clamped M is both the action and what logP scores. Draws from the device's default generator."""
+    the clamped M is both the action and what logP scores. Draws from the device's default generator.
+    With return_clamped, also the number of elements the clamp changed (a 0-d int64 tensor on the device, no sync):
+    for concentrations below ~0.5 the clamp binds often enough to lower logP measurably (README)."""
     with torch.autocast(device_type=log_alpha.device.type, enabled=False):
         dist_ = beta_distribution(log_alpha, log_beta)
-        mask = dist_.sample().clamp_(eps, 1.0 - eps)
+        raw = dist_.sample()
+        mask = raw.clamp(eps, 1.0 - eps)
         logp = dist_.log_prob(mask)
+    if return_clamped:
+        return mask, logp, (mask != raw).sum()
     return mask, logp
 
 
@@ -1219,6 +1229,68 @@ def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
     return strip_prefixes(obj)
 
 
+def average_state_dicts(state_dicts: Sequence[dict]) -> dict:
+    """The key-by-key mean of N state dicts, the authors' release step (their utils/weight_averaging.py averages the
+    last three epochs' weights). Floating tensors: summed in the given order in their own dtype, then divided by N,
+    as theirs (bit for bit). Integer tensors (BatchNorm's num_batches_tracked): the floor of the mean, kept integer;
+    theirs turn into float32 means, which load_state_dict truncates to the same count. Keys, their order (the first
+    dict's) and dtypes are kept, so the result loads with strict=True wherever the inputs do."""
+    if not state_dicts:
+        raise UserError("nothing to average: give at least one state dict")
+    first = state_dicts[0]
+    for i, sd in enumerate(state_dicts[1:], start=1):
+        if set(sd) != set(first):
+            diff = sorted(set(sd) ^ set(first))
+            raise UserError(f"state dict {i} has other keys than the first ({diff[:3]}): average weights of one model")
+        bad = [k for k in first if sd[k].shape != first[k].shape or sd[k].dtype != first[k].dtype]
+        if bad:
+            raise UserError(f"state dict {i} differs from the first at {bad[:3]} (shape or dtype): "
+                            f"average weights of one model")
+    n, out = len(state_dicts), {}
+    for k, v in first.items():
+        if v.is_floating_point():
+            total = v.detach().cpu().clone()
+            for sd in state_dicts[1:]:
+                total = total + sd[k].detach().cpu()
+            out[k] = total / n
+        else:
+            total = sum(sd[k].detach().cpu().long() for sd in state_dicts)
+            out[k] = torch.div(total, n, rounding_mode="floor").to(v.dtype)
+    return out
+
+
+def average_checkpoints(paths: Sequence[str], output: str, log=print) -> dict:
+    """Average the classifier weights of checkpoint or weight files (ours, the authors' model_<epoch>.pth, timm,
+    torchvision; prefixes stripped) into `output`, a bare state_dict. Returns the average."""
+    avg = average_state_dicts([load_classifier_weights(p, "--average") for p in paths])
+    atomic_save(avg, output)
+    log(f"saved {output}: the mean of {len(paths)} state dicts ({', '.join(os.path.basename(p) for p in paths)})")
+    return avg
+
+
+EPOCH_WEIGHTS = "epoch_weights"
+
+
+def epoch_weights_path(output_dir: str, epoch: int) -> str:
+    """Where --average-last keeps the classifier weights after epoch `epoch` (1-based, as log.jsonl counts)."""
+    return os.path.join(output_dir, EPOCH_WEIGHTS, f"model_epoch{epoch:03d}.pth")
+
+
+def average_last_epochs(cfg: Config, log=print) -> str | None:
+    """--average-last N: the mean of the weights kept after the last N epochs, written to model_<phase>_avgN.pth.
+    The kept files are in the output directory, so a resumed run averages the same ones a straight run would."""
+    n = cfg.average_last
+    paths = [epoch_weights_path(cfg.output_dir, e) for e in range(cfg.epochs - n + 1, cfg.epochs + 1)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        log(f"warning: no average of the last {n} epochs: {missing[0]} is missing (resumed from a run without "
+            f"--average-last?); `python pgnm.py --average FILE ...` averages any weight files")
+        return None
+    out = os.path.join(cfg.output_dir, f"model_{cfg.phase}_avg{n}.pth")
+    average_checkpoints(paths, out, log)
+    return out
+
+
 def load_into_classifier(model: ResNet, state_dict: dict, source: str, arch: str, log=print) -> None:
     """Load backbone weights strictly; the head is re-initialised (with a message) when the class count differs.
     A state_dict of another architecture is refused with a message naming the right --model."""
@@ -1337,6 +1409,16 @@ class StepState:
     bad_in_a_row: int = 0      # non-finite steps since the last good one
     bad_total: int = 0         # non-finite steps in the whole run
     amp_skipped: int = 0       # fp16 overflows that GradScaler skipped (expected now and then; it lowers its scale)
+    clamped: torch.Tensor | None = None   # this epoch's mask elements changed by the [eps, 1-eps] clamp (device int64)
+    sampled: int = 0                      # this epoch's mask elements sampled (the clamped fraction's denominator)
+
+
+def clamp_counts(state: StepState, device: torch.device) -> tuple[int, int]:
+    """This epoch's (clamped, sampled) mask elements summed over ranks. A collective: every rank calls it."""
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    t = torch.stack([state.clamped if state.clamped is not None else zero, zero + state.sampled])
+    c, n = all_reduce_sum(t).tolist()
+    return int(c), int(n)
 
 
 class Forward(NamedTuple):
@@ -1352,7 +1434,8 @@ def make_mask(run: Run, state: StepState, x: torch.Tensor):
     """Algorithm 1 up to 'sample the noise matrix', for a batch: the policy's Beta parameters (eq. 2), mixed with the
     dataset-level ones of *before* this step (eq. 10-11); the next dataset-level parameters (eq. 12-13, batch mean over
     all ranks, not committed here); the sampled mask (eq. 4) upsampled and blurred (Fig. 4); and logP (eq. 7).
-    Without a policy (Table 4 ablations) the mask is fixed noise and logP, next_d are None.
+    Without a policy (Table 4 ablations) the mask is fixed noise and logP, next_d are None. Counts the mask elements
+    the clamp changed into state.clamped/sampled (a measurement: it counts skipped steps too).
     x (B, 3, H, W) -> M_in (B, 1, H, W), logP (B, G*G), (alpha_d', beta_d') (1, G*G) each"""
     cfg, size = run.cfg, x.shape[-2:]
     if run.policy is None:
@@ -1368,7 +1451,9 @@ def make_mask(run: Run, state: StepState, x: torch.Tensor):
     batch_mean = all_reduce_mean(torch.cat([a.detach().mean(0, keepdim=True), b.detach().mean(0, keepdim=True)]))
     next_d = (ema_update(state.alpha_d, batch_mean[:1], cfg.tau_dataset),         # eq. 12
               ema_update(state.beta_d, batch_mean[1:], cfg.tau_dataset))          # eq. 13
-    mask, logp = sample_beta_mask(alpha_img, beta_img)                            # eq. 4, 7
+    mask, logp, n_clamped = sample_beta_mask(alpha_img, beta_img, return_clamped=True)   # eq. 4, 7
+    state.clamped = n_clamped if state.clamped is None else state.clamped + n_clamped
+    state.sampled += mask.numel()
     return upsample_blur(mask, size, cfg.kernel, cfg.sigma), logp, next_d         # Fig. 4
 
 
@@ -1672,6 +1757,9 @@ def build_schedulers(cfg: Config, optimizer, pol_optimizer):
 def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> dict:
     """The checkpoint.pth payload: the authors' key names, plain types only (torch.load(weights_only=True) works).
     epoch/step: the epoch being trained and how many of its steps are done (step == steps_per_epoch: complete)."""
+    counters = {"bad_total": state.bad_total, "amp_skipped": state.amp_skipped}
+    if state.alpha_d is not None:
+        counters["mask_clamped"], counters["mask_sampled"] = clamp_counts(state, run.info.device)
     rngs = [rng_state()]
     if run.info.distributed:
         rngs = [None] * run.info.world
@@ -1691,7 +1779,7 @@ def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per
         "steps_per_epoch": steps_per_epoch,
         "world_size": run.info.world,
         "meter": {"loss_sum": float(meter["loss_sum"]), "n_ok": int(meter["n_ok"])},
-        "counters": {"bad_total": state.bad_total, "amp_skipped": state.amp_skipped},
+        "counters": counters,
         "args": dataclasses.asdict(run.cfg),
         "rng": rngs,
         "pgnm_version": file_hash(),
@@ -1724,6 +1812,10 @@ def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> N
         run.scaler.load_state_dict(ckpt["scaler"])
     counters = ckpt.get("counters") or {}
     state.bad_total, state.amp_skipped = counters.get("bad_total", 0), counters.get("amp_skipped", 0)
+    if state.alpha_d is not None and run.info.is_main and "mask_sampled" in counters:
+        # the epoch's clamp counts so far, summed over ranks: rank 0 carries them on, the others restart at 0
+        state.clamped = torch.tensor(counters["mask_clamped"], dtype=torch.int64, device=dev)
+        state.sampled = int(counters["mask_sampled"])
     rngs = ckpt.get("rng") or []
     if len(rngs) == run.info.world:
         set_rng_state(rngs[run.info.rank])
@@ -1952,6 +2044,8 @@ def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict
         rec["skipped_images"] = bad_images
     if state.alpha_d is not None:
         rec.update(alpha_d_mean=float(state.alpha_d.mean()), beta_d_mean=float(state.beta_d.mean()))
+        clamped, sampled = clamp_counts(state, run.info.device)
+        rec.update(clamped_elements=clamped, clamped_fraction=clamped / max(sampled, 1))
     val = data.eval_loaders["val"]
     rec.update({f"val_{k}": v for k, v in evaluate(run, state, val, epoch).items()})
     if run.heated:
@@ -1970,6 +2064,8 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -
             step0 = start.step if epoch == start.epoch else 0
             meter = dict(start.meter) if epoch == start.epoch else {"loss_sum": 0.0, "n_ok": 0}
             data.sampler.set_epoch(epoch, step0)
+            if step0 == 0:                 # a resumed mid-epoch run keeps the counts restored from its checkpoint
+                state.clamped, state.sampled = None, 0
             bad0 = data.train.bad_count.value if data.train.bad_count is not None else 0
 
             def on_step(step, loss_sum, n_ok, stop, epoch=epoch, meter=meter):
@@ -1991,6 +2087,9 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -
                             if k in rec))
             if run.info.is_main:       # the line first: a run killed before the checkpoint re-trains the epoch,
                 _append_jsonl(log_path, rec)                # and the resume trims the line again
+                if cfg.average_last and epoch >= cfg.epochs - cfg.average_last:   # before the checkpoint, likewise
+                    os.makedirs(os.path.join(out_dir, EPOCH_WEIGHTS), exist_ok=True)
+                    atomic_save(run.model_raw.state_dict(), epoch_weights_path(out_dir, epoch + 1))
             save_checkpoint(run, state, epoch, spe, spe, {"loss_sum": 0.0, "n_ok": 0})
             if run.info.is_main:
                 if cfg.save_masks and stats["last_batch"] is not None:
@@ -2019,6 +2118,8 @@ def finish(run: Run, state: StepState, data: Data, last: dict, log) -> dict:
         weights = os.path.join(out_dir, f"model_{cfg.phase}.pth")
         atomic_save(run.model_raw.state_dict(), weights)
         log(f"saved {weights} (classifier only; loads into timm/torchvision {cfg.model} with strict=True)")
+        if cfg.average_last:
+            average_last_epochs(cfg, log)
     final["output_dir"] = out_dir
     return final
 
@@ -2233,6 +2334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="time a heated step and its parts (see bench())")
     p.add_argument("--bench-data", metavar="PATH", help="time the training data loader alone on this data set")
     p.add_argument("--bench-rounds", type=int, help="timed rounds per variant (default 20)")
+    p.add_argument("--average", nargs="+", metavar="PATH", help="average these weight or checkpoint files (e.g. the "
+                   "authors' model_87..89.pth) into --average-output, and exit")
+    p.add_argument("--average-output", metavar="PATH", help="where --average writes (default: model_avgN.pth next to "
+                   "the first file)")
     return p
 
 
@@ -2240,7 +2345,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     do_bench, bench_path, rounds = args.pop("bench", False), args.pop("bench_data", None), args.pop("bench_rounds", 20)
     phase = args.pop("phase", "heated")
+    average, average_output = args.pop("average", None), args.pop("average_output", None)
     try:
+        if average:
+            average_checkpoints(average, average_output or os.path.join(os.path.dirname(os.path.abspath(average[0])),
+                                                                        f"model_avg{len(average)}.pth"))
+            return 0
         if bench_path is not None:
             args["data_path"] = bench_path
             bench_data(make_config(phase, **args))

@@ -113,6 +113,49 @@ def test_beta_math_finite_for_extreme_parameters(value):
     assert torch.isfinite(la.grad).all() and torch.isfinite(lb.grad).all()
 
 
+def test_clamp_count_is_what_the_clamp_changed_and_follows_the_beta_tail():
+    """The count against the same draws made by hand, and its rate against the Beta tail: for Beta(c, c),
+    P(M < eps) + P(M > 1 - eps) = 2 eps^c / (c B(c, c)) to first order in eps."""
+    la = torch.full((64, 4096), math.log(0.5))
+    torch.manual_seed(3)
+    raw = pgnm.beta_distribution(la, la).sample()
+    torch.manual_seed(3)
+    m, logp, n = pgnm.sample_beta_mask(la, la, return_clamped=True)
+    assert n.dtype == torch.int64 and n.ndim == 0
+    assert int(n) == int(((raw < pgnm.BETA_EPS) | (raw > 1 - pgnm.BETA_EPS)).sum()) > 0
+    assert torch.equal(m, raw.clamp(pgnm.BETA_EPS, 1 - pgnm.BETA_EPS))
+    for c in (2.0, 0.5, 0.3):
+        la = torch.full((64, 4096), math.log(c))
+        _, _, n = pgnm.sample_beta_mask(la, la, return_clamped=True)
+        expected = la.numel() * 2 * pgnm.BETA_EPS ** c / (c * math.exp(2 * math.lgamma(c) - math.lgamma(2 * c)))
+        assert abs(int(n) - expected) <= 5 * math.sqrt(expected) + 1, (c, int(n), expected)
+
+
+@pytest.mark.parametrize("grid,lower", [(32, {0.5: (0.015, 0.06), 0.3: (0.24, 0.36)}),
+                                        (64, {0.5: (0.025, 0.075), 0.3: (0.30, 0.42)})])
+def test_clamp_lowers_eq8_multiplier_by_the_readme_amounts(grid, lower):
+    """README, 'Where we differ': the clamp lowers eq. 8's multiplier mean_b(logsumexp_j logP) for concentrations
+    below ~0.5. Exact logP from float64 gamma draws (M = g1 / (g1 + g2), so log M and log(1 - M) need no rounding)
+    against our float32 clamp + log_prob of the same M; Monte Carlo with a fixed seed."""
+    gen = torch.Generator().manual_seed(0)
+    for c in (1.0, 0.5, 0.3):
+        conc = torch.full((128, grid * grid), c, dtype=torch.float64)
+        g1, g2 = torch._standard_gamma(conc, generator=gen), torch._standard_gamma(conc, generator=gen)
+        log_total = (g1 + g2).log()
+        log_beta_fn = 2 * math.lgamma(c) - math.lgamma(2 * c)
+        exact = (c - 1) * (g1.log() - log_total) + (c - 1) * (g2.log() - log_total) - log_beta_fn
+        la = torch.full(conc.shape, math.log(c))
+        ours = pgnm.beta_distribution(la, la).log_prob((g1 / (g1 + g2)).float().clamp(pgnm.BETA_EPS, 1 - pgnm.BETA_EPS))
+        m_exact = torch.logsumexp(exact, 1).mean().item()
+        m_ours = torch.logsumexp(ours.double(), 1).mean().item()
+        drop = (m_exact - m_ours) / m_exact
+        if c == 1.0:
+            assert abs(drop) < 1e-4                   # Beta(1, 1) is flat: the clamp changes nothing
+        else:
+            lo, hi = lower[c]
+            assert lo < drop < hi, (grid, c, drop)
+
+
 @pytest.mark.parametrize("grid,size,kernel,sigma", [(64, 224, 13, 6.0), (16, 64, 5, 2.0), (7, 33, 13, 6.0),
                                                     (5, 31, 3, 0.7), (33, 33, 13, 6.0), (8, 45, 9, 3.5),
                                                     (8, 40, 0, 1.0), (3, 17, 15, 10.0)])
@@ -376,6 +419,97 @@ def test_atomic_save_keeps_previous(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+def _three_trained_looking_state_dicts():
+    """Three resnet10t state dicts with different weights, BatchNorm statistics and batch counts (int64)."""
+    sds = []
+    for i, count in enumerate((87 * 5, 88 * 5, 89 * 5 + 2)):
+        torch.manual_seed(i)
+        m = pgnm.resnet10t(num_classes=7)
+        with torch.no_grad():
+            for b in m.buffers():
+                b.copy_(torch.rand(b.shape) * 3 if b.is_floating_point() else torch.full(b.shape, count))
+        sds.append(m.state_dict())
+    return sds
+
+
+def test_average_state_dicts_equals_a_hand_average_and_loads_strictly():
+    import functools
+    import operator
+    sds = _three_trained_looking_state_dicts()
+    avg = pgnm.average_state_dicts(sds)
+    assert list(avg) == list(sds[0])                                            # keys and their order kept
+    for k, v in avg.items():
+        assert v.dtype == sds[0][k].dtype and v.shape == sds[0][k].shape, k
+        if v.is_floating_point():
+            assert torch.equal(v, (sds[0][k] + sds[1][k] + sds[2][k]) / 3), k  # the hand average, bit for bit
+        else:
+            assert int(v) == (87 * 5 + 88 * 5 + 89 * 5 + 2) // 3 == 440, k     # floor of the mean 440.67
+    pgnm.resnet10t(num_classes=7).load_state_dict(avg, strict=True)
+    # The authors' rule (sum, then divide every tensor by N) makes the count a float 440.67; loading it into a model
+    # truncates to the count ours stores.
+    theirs = {k: functools.reduce(operator.add, (sd[k] for sd in sds)) / len(sds) for k in sds[0]}
+    loaded = pgnm.resnet10t(num_classes=7)
+    loaded.load_state_dict(theirs, strict=True)
+    assert all(torch.equal(loaded.state_dict()[k], avg[k]) for k in avg)
+    with pytest.raises(pgnm.UserError, match="other keys"):
+        pgnm.average_state_dicts([sds[0], {k: v for k, v in sds[1].items() if k != "fc.bias"}])
+    with pytest.raises(pgnm.UserError, match="shape or dtype"):
+        pgnm.average_state_dicts([sds[0], pgnm.resnet10t(num_classes=5).state_dict()])
+
+
+def test_average_cli_reads_the_authors_epoch_files(tmp_path):
+    """`pgnm.py --average` on files laid out like the authors' model_<epoch>.pth (a 'model' key with torch.compile's
+    '_orig_mod.' prefix, argparse args)."""
+    sds = _three_trained_looking_state_dicts()
+    paths = []
+    for epoch, sd in zip((87, 88, 89), sds):
+        paths.append(str(tmp_path / f"model_{epoch}.pth"))
+        torch.save({"model": {f"_orig_mod.{k}": v for k, v in sd.items()}, "epoch": epoch,
+                    "args": argparse.Namespace(lr=0.1)}, paths[-1])
+    assert pgnm.cli(["--average", *paths]) == 0
+    out = torch.load(tmp_path / "model_avg3.pth", weights_only=True)
+    expected = pgnm.average_state_dicts(sds)
+    assert list(out) == list(expected) and all(torch.equal(out[k], expected[k]) for k in out)
+
+
+def test_average_last_survives_a_kill_and_counts_clamps_across_a_resume(tmp_path, monkeypatch):
+    """--average-last 2 on a 2-epoch heated run, straight and killed mid-epoch 2 then resumed: the same averaged
+    file, equal to the hand average of the kept epoch files; the epoch's clamp count carried over the resume.
+    Concentrations are scaled by 0.3 (so the clamp binds) in both runs."""
+    real_beta = pgnm.beta_distribution
+    monkeypatch.setattr(pgnm, "beta_distribution", lambda a, b: real_beta(a + math.log(0.3), b + math.log(0.3)))
+    kw = dict(epochs=2, average_last=2, save_every_steps=3, synthetic_per_class=2)     # 6 steps per epoch
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    pgnm.main(tiny(output_dir=straight, **kw))
+    kept = [torch.load(pgnm.epoch_weights_path(straight, e), weights_only=True) for e in (1, 2)]
+    avg = torch.load(os.path.join(straight, "model_heated_avg2.pth"), weights_only=True)
+    final = torch.load(os.path.join(straight, "model_heated.pth"), weights_only=True)
+    assert all(torch.equal(final[k], kept[1][k]) for k in final)                # epoch 2's file is the final model
+    assert all(torch.equal(avg[k], (kept[0][k] + kept[1][k]) / 2) for k in avg if avg[k].is_floating_point())
+
+    class Killed(Exception):
+        pass
+    real_save = pgnm.save_checkpoint
+
+    def save_then_die(run, state, epoch, step, *a):
+        real_save(run, state, epoch, step, *a)
+        if epoch == 1 and step == 3:
+            raise Killed
+    monkeypatch.setattr(pgnm, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        pgnm.main(tiny(output_dir=killed, **kw))
+    assert not os.path.exists(os.path.join(killed, "model_heated_avg2.pth"))
+    monkeypatch.setattr(pgnm, "save_checkpoint", real_save)
+    pgnm.main(tiny(output_dir=killed, resume="auto", **kw))
+    resumed = torch.load(os.path.join(killed, "model_heated_avg2.pth"), weights_only=True)
+    assert list(resumed) == list(avg) and all(torch.equal(resumed[k], avg[k]) for k in avg)
+    a = [r for r in read_log(straight) if not r.get("final")]
+    b = [r for r in read_log(killed) if not r.get("final")]
+    assert [r["clamped_elements"] for r in a] == [r["clamped_elements"] for r in b]
+    assert all(r["clamped_elements"] > 0 and 0 < r["clamped_fraction"] < 1 for r in a)
+    assert a[1]["clamped_fraction"] == a[1]["clamped_elements"] / (6 * 8 * 64)     # 6 steps x 8 images x 8 x 8
+
+
 # =====================================================================================================================
 #  Data
 # =====================================================================================================================
@@ -399,6 +533,17 @@ def test_to_rgb8_every_mode():
     flat = Image.fromarray(np.full((3, 3), 500, np.uint16))
     assert np.asarray(pgnm.to_rgb8(flat)).max() == 0
     assert pgnm.to_rgb8(Image.new("1", (3, 3), 1)).mode == "RGB"
+
+
+def test_sixteen_bit_is_scaled_where_the_authors_loader_clips(tmp_path):
+    """README, 'Where we differ': torchvision's default ImageFolder loader (the authors') clips 16-bit pixels at 255;
+    ours scales by the image's range."""
+    from torchvision.datasets.folder import default_loader
+    path = str(tmp_path / "ct16.png")
+    Image.fromarray(np.array([[0, 100, 255, 1000, 4095]], dtype=np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"
+    assert np.asarray(default_loader(path))[0, :, 0].tolist() == [0, 100, 255, 255, 255]
+    assert pgnm.load_image(path)[0, 0].tolist() == [0, 6, 16, 62, 255]
 
 
 def _write_imagefolder(root, classes=("a", "b", "c"), per=6, size=40, modes=("L", "RGB", "I;16", "RGBA", "P")):
