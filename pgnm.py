@@ -35,10 +35,12 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -186,42 +188,85 @@ def make_config(phase: str = "heated", **overrides) -> Config:
 
 
 def validate_config(cfg: Config) -> None:
-    """Check flag values once, before any work, with messages that say what to do."""
+    """Check every flag's value once, before any work, with messages that say what to do. Numbers must be finite and
+    inside their range: a NaN or inf, or a value that would crash only after an epoch, stops here."""
     def need(cond: bool, msg: str):
         if not cond:
             raise UserError(msg)
+
+    def number(name: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
+               what: str = "", optional: bool = False):
+        v, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        if v is None and optional:
+            return
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+            (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            what = what or ((f"> {lo}" if lo_open else f">= {lo}") if hi == math.inf else
+                            f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+            raise UserError(f"{flag} {v}: must be {what}")
+
     need(cfg.phase in PHASES, f"--phase {cfg.phase!r}: choose one of {', '.join(PHASES)}")
     need(cfg.model in MODEL_NAMES, f"--model {cfg.model!r}: choose one of {', '.join(MODEL_NAMES)}")
     need(cfg.policy_model in MODEL_NAMES, f"--policy-model {cfg.policy_model!r}: choose one of {', '.join(MODEL_NAMES)}")
     need(cfg.objective in ("paper", "reinforce"), f"--objective {cfg.objective!r}: choose paper or reinforce")
     need(cfg.noise in ("beta", "uniform", "gaussian"), f"--noise {cfg.noise!r}: choose beta, uniform or gaussian")
-    need(cfg.seed >= 0, f"--seed {cfg.seed}: must be >= 0")
-    need(cfg.epochs >= 1, f"--epochs {cfg.epochs}: must be at least 1")
-    need(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be at least 1")
-    need(cfg.lr > 0, f"--lr {cfg.lr}: must be positive")
-    need(cfg.grid >= 1, f"--grid {cfg.grid}: must be at least 1")
+    need(cfg.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None,
+         f"--device {cfg.device!r}: choose cpu, cuda or cuda:N")
+    need(cfg.resume is None or cfg.resume != "", "--resume '': give a checkpoint PATH or 'auto'")
+    need(cfg.output_dir is None or not os.path.isfile(cfg.output_dir),
+         f"--output-dir {cfg.output_dir} is a file: give a folder (it is created if missing)")
+    number("seed", 0, 2 ** 63 - 1)
+    number("epochs", 1)
+    number("batch_size", 1)
+    number("num_classes", 2, optional=True)
+    number("lr", 0, lo_open=True, what="a positive finite number")
+    number("policy_lr_ratio", 0)
+    number("momentum", 0, 1, hi_open=True)
+    number("weight_decay", 0)
+    number("lr_step_size", 1)
+    number("lr_gamma", 0, 1, lo_open=True)
+    number("lr_min", 0, cfg.lr * cfg.policy_lr_ratio,
+           what=f"in [0, the policy's lr = lr x policy-lr-ratio = {cfg.lr * cfg.policy_lr_ratio:g}]")
+    number("lr_warmup_epochs", 0)
+    number("lr_warmup_decay", 0, 1, lo_open=True)
+    number("label_smoothing", 0, 1, hi_open=True)
+    number("clip_grad_norm", 0, lo_open=True, optional=True)
+    for name in ("train_crop_size", "val_resize_size", "val_crop_size"):   # before --grid, which is compared to them
+        number(name, 1, what="at least 1 px")
+    number("grid", 1)
     need(cfg.grid <= min(cfg.train_crop_size, cfg.val_crop_size),
          f"--grid {cfg.grid} is larger than the crop ({min(cfg.train_crop_size, cfg.val_crop_size)} px): "
          f"use a grid at most --train-crop-size/--val-crop-size")
     need(cfg.kernel == 0 or (cfg.kernel > 0 and cfg.kernel % 2 == 1),
-         f"--kernel {cfg.kernel}: the blur kernel must be odd (e.g. {cfg.kernel + 1}), or 0 for no blur")
+         f"--kernel {cfg.kernel}: the blur kernel must be 0 (no blur) or a positive odd number"
+         + (f" (e.g. {cfg.kernel + 1})" if cfg.kernel > 0 else ""))
     need(cfg.kernel // 2 < min(cfg.train_crop_size, cfg.val_crop_size),
          f"--kernel {cfg.kernel} is too large for the crop: reflect padding needs kernel//2 < crop size")
-    need(cfg.sigma > 0, f"--sigma {cfg.sigma}: must be positive")
-    need(0.0 <= cfg.tau_image <= 1.0 and 0.0 <= cfg.tau_dataset <= 1.0, "--tau-image/--tau-dataset must be in [0, 1]")
+    number("sigma", 0, lo_open=True)
+    number("tau_image", 0, 1)
+    number("tau_dataset", 0, 1)
     need(cfg.lr_warmup_method in ("linear", "constant"), f"--lr-warmup-method {cfg.lr_warmup_method!r}: linear or constant")
     need(cfg.amp_dtype in ("float16", "bfloat16"), f"--amp-dtype {cfg.amp_dtype!r}: float16 or bfloat16")
     need(cfg.interpolation in ("bilinear", "bicubic", "nearest"), f"--interpolation {cfg.interpolation!r}: "
          "bilinear, bicubic or nearest")
     need(cfg.auto_augment in (None, "imagenet", "cifar10", "svhn", "ra", "ta_wide", "augmix"),
          f"--auto-augment {cfg.auto_augment!r}: imagenet, cifar10, svhn, ra, ta_wide or augmix")
-    need(cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup-alpha/--cutmix-alpha must be >= 0")
-    need(0.0 < cfg.crop_scale_min <= 1.0, f"--crop-scale-min {cfg.crop_scale_min}: must be in (0, 1]")
-    need(cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0")
-    need(cfg.policy_size is None or cfg.policy_size >= 16, f"--policy-size {cfg.policy_size}: at least 16 px")
-    need(cfg.save_every_steps >= 0, f"--save-every-steps {cfg.save_every_steps}: must be >= 0")
-    need(cfg.max_bad_steps >= 1, f"--max-bad-steps {cfg.max_bad_steps}: must be at least 1")
-    need(0.0 < cfg.val_split < 0.5, f"--val-split {cfg.val_split}: must be in (0, 0.5)")
+    number("ra_magnitude", 0, 30)                 # RandAugment has 31 magnitude bins
+    number("augmix_severity", 1, 10)
+    number("mixup_alpha", 0)
+    number("cutmix_alpha", 0)
+    number("mean", -math.inf, what="a finite number")
+    number("std", 0, lo_open=True)
+    number("crop_scale_min", 0, 1, lo_open=True)
+    number("workers", 0)
+    number("policy_size", 16, what="at least 16 px", optional=True)
+    number("save_every_steps", 0)
+    number("max_bad_steps", 1)
+    number("print_freq", 1)
+    number("val_split", 0, 0.5, lo_open=True, hi_open=True)
+    number("synthetic_per_class", 1)
+    number("synthetic_size", 32, what="at least 32 px (the synthetic scans' burned-in text needs it)")
 
 
 # =====================================================================================================================
@@ -586,10 +631,12 @@ IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 def to_8bit(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit L (greyscale) or RGB. 16/32-bit integer and float images are scaled by their own
     min..max range to 0..255 (never clipped: medical PNGs often use 12 of 16 bits); alpha is dropped; palettes are
-    expanded."""
+    expanded. In float images the range is taken over the finite pixels; NaN and -inf pixels become 0, +inf 255."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
         a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
         return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
     if img.mode in ("L", "RGB"):
@@ -662,6 +709,52 @@ class AugmentedDataset(torch.utils.data.Dataset):
         return img, self.targets[i]
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def scan_images(folder: str, root: str, seen_dirs: dict[str, str], linked_files: dict[str, str]) -> list[str]:
+    """The image files under folder, following symbolic links, but never out of root (the split folder), never into
+    a folder twice (a link loop, or two ways to one folder) and never to one file twice. Breaking one of these is a
+    UserError naming the link. seen_dirs (real path -> path) and linked_files (a file link's real target -> the link)
+    are shared by every class of a split, so a file reached from two classes is caught as well."""
+    real_root = os.path.realpath(root)
+    files, stack = [], [folder]
+    while stack:
+        d = stack.pop()
+        real = os.path.realpath(d)
+        if not _inside(real, real_root):
+            raise UserError(f"{d} is a symbolic link out of {root} (to {real}): splits must not share or borrow "
+                            f"images; copy them in or point --data-path at the real tree")
+        if real in seen_dirs:
+            raise UserError(f"{d} is the folder {seen_dirs[real]} again (a symbolic link loop, or two links to one "
+                            f"folder): remove the link")
+        seen_dirs[real] = d
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            raise UserError(f"cannot list {d} ({e.strerror or type(e).__name__})") from None
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append(e.path)
+            elif e.name.lower().endswith(IMG_EXTENSIONS):
+                if e.is_symlink() and os.path.exists(e.path):   # a broken link stays in: decoding reports it
+                    target = os.path.realpath(e.path)
+                    if not _inside(target, real_root):
+                        raise UserError(f"{e.path} is a symbolic link out of {root} (to {target}): splits must not "
+                                        f"share or borrow images; copy it in or point --data-path at the real tree")
+                    if target in linked_files:
+                        raise UserError(f"{e.path} and {linked_files[target]} are links to the same file {target}: "
+                                        f"remove one")
+                    linked_files[target] = e.path
+                files.append(e.path)
+    return files
+
+
 class ImageFolderDataset(AugmentedDataset):
     """root/<class>/**/<image>; classes sorted by name (torchvision's ImageFolder order)."""
 
@@ -677,14 +770,19 @@ class ImageFolderDataset(AugmentedDataset):
         if extra:
             raise UserError(f"{root} has class folder(s) {extra[:3]} that train/ does not have: splits must share classes")
         self.samples: list[tuple[str, int]] = []
+        seen_dirs: dict[str, str] = {}
+        linked_files: dict[str, str] = {}
         for k, name in enumerate(self.classes):
             folder = os.path.join(root, name)
-            files = sorted(os.path.join(dp, fn) for dp, _, fns in os.walk(folder, followlinks=True) for fn in fns
-                           if fn.lower().endswith(IMG_EXTENSIONS)) if os.path.isdir(folder) else []
+            files = sorted(scan_images(folder, root, seen_dirs, linked_files)) if os.path.isdir(folder) else []
             if not files and folder in (os.path.join(root, c) for c in found):
                 raise UserError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)}): "
                                 f"add images or remove the folder")
             self.samples += [(p, k) for p in files]
+        for real, path in linked_files.items():     # a link to a file that is also counted where it lies
+            if os.path.dirname(real) in seen_dirs and real.lower().endswith(IMG_EXTENSIONS):
+                twin = os.path.join(seen_dirs[os.path.dirname(real)], os.path.basename(real))
+                raise UserError(f"{path} is a symbolic link to {twin}, which is counted already: remove the link")
         self.targets = [t for _, t in self.samples]
 
     def describe(self, i):
@@ -734,11 +832,42 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
     return [np.array(sorted(p), dtype=np.int64) for p in parts]
 
 
+def npz_labels(labels: np.ndarray, path: str, split: str) -> np.ndarray:
+    """A label array as int64 (N,) or (N, L), or a UserError naming the file and split: labels must be integers, or
+    floats holding whole numbers; NaN, fractions, strings, objects and 0-d arrays are refused, as are negatives."""
+    where = f"{path}: {split}_labels" if split else f"{path}: labels"
+    if labels.ndim == 0 or labels.ndim > 2:
+        raise UserError(f"{where} must be an array of shape (N,) or (N, L), got shape {labels.shape}")
+    if labels.dtype == np.bool_ or np.issubdtype(labels.dtype, np.integer):
+        out = labels.astype(np.int64)
+    elif np.issubdtype(labels.dtype, np.floating):
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            raise UserError(f"{where} must be whole numbers, found {labels[bad].flat[0]!r} "
+                            f"({int(bad.sum())} such values)")
+        out = labels.astype(np.int64)
+    else:
+        raise UserError(f"{where} must be integers, got dtype {labels.dtype}")
+    if out.size and out.min() < 0:
+        raise UserError(f"{where} must be >= 0, found {int(out.min())}")
+    return out
+
+
 def load_npz(path: str, val_split: float = 0.1, seed: int = 0) -> dict:
-    """MedMNIST .npz -> {'train'|'val'|'test': (images uint8, labels (N,) or (N, L))}. Either the official layout
-    ({split}_images, {split}_labels) or a merged one (images, labels), split here by a seeded stratified split."""
+    """MedMNIST .npz -> {'train'|'val'|'test': (images uint8, labels int64 (N,) or (N, L))}. Either the official layout
+    ({split}_images, {split}_labels) or a merged one (images, labels), split here by a seeded stratified split.
+    Every split must be non-empty; labels are checked by npz_labels."""
+    if os.path.isdir(path):
+        raise UserError(f"--data-path {path} is a folder without train/ and val/: give an ImageFolder root or a .npz")
     if not os.path.isfile(path):
         raise UserError(f"--data-path {path} does not exist")
+
+    def get(key):
+        try:
+            return np.asarray(npz[key])
+        except Exception as e:  # noqa: BLE001 - object arrays (pickles are refused), a damaged member, ...
+            raise UserError(f"cannot read {key} from {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+                            f"store numeric arrays (np.savez without dtype=object)") from None
     try:
         npz = np.load(path, allow_pickle=False)
         keys = set(npz.files)
@@ -750,14 +879,21 @@ def load_npz(path: str, val_split: float = 0.1, seed: int = 0) -> dict:
             if f"{split}_images" in keys:
                 if f"{split}_labels" not in keys:
                     raise UserError(f"{path} has {split}_images but no {split}_labels")
-                out[split] = (npz[f"{split}_images"], npz[f"{split}_labels"])
+                out[split] = (get(f"{split}_images"), npz_labels(get(f"{split}_labels"), path, split))
         if "val" not in out:
             raise UserError(f"{path} has no val_images/val_labels: MedMNIST files carry train_*, val_*, test_*")
     elif {"images", "labels"} <= keys:
-        images, labels = npz["images"], npz["labels"]
+        images, labels = get("images"), npz_labels(get("labels"), path, "")
+        if labels.ndim == 0 or images.ndim == 0 or len(labels) != len(images):
+            raise UserError(f"{path} has {len(images) if images.ndim else 0} images but "
+                            f"{len(labels) if labels.ndim else 0} labels")
         flat = labels.reshape(len(labels), -1)
         strat = flat[:, 0] if flat.shape[1] == 1 else np.zeros(len(labels), dtype=np.int64)
         tr, va, te = stratified_split(strat, (1 - 2 * val_split, val_split, val_split), seed)
+        if len(va) == 0 or len(te) == 0:
+            raise UserError(f"{path}: {len(labels)} images split at --val-split {val_split} leave the val/test split "
+                            f"empty (round(images per class x {val_split}) is 0 for every class): raise --val-split "
+                            f"or use more images")
         out = {"train": (images[tr], labels[tr]), "val": (images[va], labels[va]), "test": (images[te], labels[te])}
     else:
         raise UserError(f"{path} has keys {sorted(keys)}; expected train_images/train_labels/val_images/val_labels"
@@ -767,6 +903,8 @@ def load_npz(path: str, val_split: float = 0.1, seed: int = 0) -> dict:
             raise UserError(f"{path}: {split} images must be uint8 N*H*W or N*H*W*3, got {images.dtype} {images.shape}")
         if len(labels) != len(images):
             raise UserError(f"{path}: {split} has {len(images)} images but {len(labels)} labels")
+        if len(images) == 0:
+            raise UserError(f"{path}: the {split} split has no images")
     return out
 
 
@@ -983,26 +1121,41 @@ def build_datasets(cfg: Config) -> dict:
         if labels_train.ndim == 2 and labels_train.shape[1] > 1:
             raise UserError(f"{path} is multi-label ({labels_train.shape[1]} labels per image, e.g. ChestMNIST): "
                             f"pgnm.py trains single-label classifiers; use evaluate.py for multi-label probes")
-        n_classes = int(max(int(s[1].max()) for s in splits.values() if len(s[1])) + 1)
+        n_classes = int(max(int(s[1].max()) for s in splits.values()) + 1)
         classes = [str(k) for k in range(n_classes)]
         out = {"classes": classes, "test": None}
         for split, (images, labels) in splits.items():
-            labels = labels.reshape(len(labels))
-            if labels.size and labels.min() < 0:
-                raise UserError(f"{path}: {split} labels must be >= 0, found {labels.min()}")
-            out[split] = ArrayDataset(images, labels, classes, t_train if split == "train" else t_eval, cfg.seed,
+            out[split] = ArrayDataset(images, labels.reshape(len(labels)), classes,
+                                      t_train if split == "train" else t_eval, cfg.seed,
                                       name=f"{os.path.basename(path)}:{split}")
-        return out
+        return _check_splits(out, path)
     if not os.path.isdir(os.path.join(path, "train")) or not os.path.isdir(os.path.join(path, "val")):
         raise UserError(f"--data-path {path} must contain train/ and val/ class folders (see refine_radimagenet.py)")
+    reals = {s: os.path.realpath(os.path.join(path, s)) for s in ("train", "val", "test")
+             if os.path.isdir(os.path.join(path, s))}
+    for s1 in reals:
+        for s2 in reals:
+            if s1 != s2 and _inside(reals[s1], reals[s2]):
+                raise UserError(f"{os.path.join(path, s1)} lies inside {os.path.join(path, s2)} (through a symbolic "
+                                f"link): splits must not share images")
     train = ImageFolderDataset(os.path.join(path, "train"), t_train, cfg.seed, cfg.skip_bad_images)
-    if not train.samples:
-        raise UserError(f"{os.path.join(path, 'train')} has no images")
     out = {"train": train, "classes": train.classes, "test": None}
     for split in ("val", "test"):
         folder = os.path.join(path, split)
         if os.path.isdir(folder):
             out[split] = ImageFolderDataset(folder, t_eval, cfg.seed, cfg.skip_bad_images, classes=train.classes)
+    return _check_splits(out, path)
+
+
+def _check_splits(out: dict, path: str) -> dict:
+    """Refuse what would train or evaluate nothing: an empty split, or a training set with a single class."""
+    for split in ("train", "val", "test"):
+        if out.get(split) is not None and len(out[split]) == 0:
+            raise UserError(f"{path}: the {split} split has no images")
+    present = sorted(set(out["train"].targets))
+    if len(present) < 2:
+        raise UserError(f"{path}: the train split has images of one class only ({out['classes'][present[0]]!r}): "
+                        f"a classifier needs at least two")
     return out
 
 
@@ -1204,6 +1357,8 @@ def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
 def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
     """A classifier state_dict from any of: our checkpoint.pth / model_<phase>.pth, the authors' checkpoints ('model'
     key, 'module.'/'_orig_mod.' prefixes), timm or torchvision weight files. Never runs code from the file."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: give a weights file in it (model_<phase>.pth, checkpoint.pth)")
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path} does not exist")
     try:
@@ -1698,8 +1853,29 @@ def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per
     }
 
 
+RESUME_KEYS = ("model", "optimizer", "main_lr_scheduler", "epoch", "step", "args")
+
+
+def check_resumable(ckpt, source: str) -> None:
+    """A UserError unless ckpt is a pgnm.py checkpoint.pth. The authors' (torchvision-reference) checkpoints carry an
+    argparse.Namespace under 'args', one optimiser for both networks and no step or RNG state: they cannot continue
+    exactly, so they are refused with the way to start from their weights instead."""
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{source} is not a checkpoint (it holds a {type(ckpt).__name__}): to start from its weights "
+                        f"use --finetune {source}")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        raise UserError(f"{source} is a checkpoint of the authors' code, not of pgnm.py: it cannot be resumed (one "
+                        f"optimiser for both networks, no step or RNG state); to start from its classifier weights "
+                        f"use --finetune {source}")
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{source} is not a resumable pgnm.py checkpoint (no {', '.join(missing)}; "
+                        f"model_<phase>.pth holds weights only): to start from its weights use --finetune {source}")
+
+
 def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> None:
     """Put every saved state back: both networks, alpha_d/beta_d, optimisers, schedulers, scaler, RNGs."""
+    check_resumable(ckpt, source)
     saved, cfg = ckpt.get("args") or {}, run.cfg
     for key in ("phase", "model", "policy_model", "grid", "noise"):
         if key in saved and saved[key] != getattr(cfg, key):
@@ -1713,13 +1889,18 @@ def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> N
         raise UserError(f"{source} does not match this run's networks ({str(e).splitlines()[0][:160]}); "
                         f"use the same --model/--grid or another --output-dir") from None
     dev = run.info.device
-    if state.alpha_d is not None:
-        state.alpha_d, state.beta_d = ckpt["base_alpha"].to(dev), ckpt["base_beta"].to(dev)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["main_lr_scheduler"])
-    if run.pol_optimizer is not None:
-        run.pol_optimizer.load_state_dict(ckpt["pol_optimizer"])
-        run.pol_scheduler.load_state_dict(ckpt["pol_lr_scheduler"])
+    try:
+        if state.alpha_d is not None:
+            state.alpha_d, state.beta_d = ckpt["base_alpha"].to(dev), ckpt["base_beta"].to(dev)
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["main_lr_scheduler"])
+        if run.pol_optimizer is not None:
+            run.pol_optimizer.load_state_dict(ckpt["pol_optimizer"])
+            run.pol_scheduler.load_state_dict(ckpt["pol_lr_scheduler"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{source} lacks or has a damaged optimiser, scheduler or alpha_d/beta_d state "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): resume from "
+                        f"another checkpoint, or start from its weights with --finetune {source}") from None
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
     counters = ckpt.get("counters") or {}
@@ -1844,6 +2025,9 @@ def find_checkpoint(cfg: Config, log) -> tuple[dict | None, str | None]:
         if ckpt is None:
             log(f"resume auto: no checkpoint in {cfg.output_dir}; starting from scratch")
         return ckpt, path
+    if os.path.isdir(cfg.resume):
+        raise UserError(f"--resume {cfg.resume} is a folder: give its checkpoint.pth, or use --resume auto with "
+                        f"--output-dir {cfg.resume}")
     if not os.path.isfile(cfg.resume):
         raise UserError(f"--resume {cfg.resume} does not exist (use --resume auto to continue the output dir)")
     try:
@@ -2236,8 +2420,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_usage_error(message: str):
+    """argparse's error(), in one line (its default prints the whole usage first) and with exit code 2."""
+    print(f"error: {message} (see python pgnm.py --help)", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    """Exit codes: 0 done; 2 bad input or environment (one line on stderr, no traceback); 3 stopped by a signal after
+    a checkpoint (requeue and --resume auto); 4 training diverged (the last good checkpoint is kept; change a flag
+    before resuming); 130 Ctrl-C."""
+    parser = build_parser()
+    parser.error = _one_line_usage_error
+    args = vars(parser.parse_args(argv))
     do_bench, bench_path, rounds = args.pop("bench", False), args.pop("bench_data", None), args.pop("bench_rounds", 20)
     phase = args.pop("phase", "heated")
     try:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -550,6 +551,219 @@ def test_cli_bad_inputs_are_one_line(tmp_path, capsys, args, needles):
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     for n in needles:
         assert n in err, err
+
+
+# Every numeric flag out of its range, NaN/inf, unknown choices and unparsable values: exit 2, one stderr line that
+# names the flag, nothing created, before any data is read (the output folder must not even appear).
+BAD_FLAGS = [
+    (["--val-resize-size", "0"], "--val-resize-size 0"), (["--val-crop-size", "-1"], "--val-crop-size -1"),
+    (["--train-crop-size", "0"], "--train-crop-size 0"), (["--lr-step-size", "0"], "--lr-step-size 0"),
+    (["--print-freq", "0"], "--print-freq 0"), (["--label-smoothing", "2"], "--label-smoothing 2"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing -0.1"), (["--momentum", "-0.5"], "--momentum -0.5"),
+    (["--momentum", "1"], "--momentum 1"), (["--wd", "-1"], "--weight-decay -1"),
+    (["--policy-lr-ratio", "-1"], "--policy-lr-ratio -1"), (["--lr-warmup-decay", "0"], "--lr-warmup-decay 0"),
+    (["--lr-warmup-epochs", "-1"], "--lr-warmup-epochs -1"), (["--std", "0"], "--std 0"),
+    (["--mean", "nan"], "--mean nan"), (["--device", "tpu"], "--device 'tpu'"),
+    (["--device", "cuda:x"], "--device 'cuda:x'"), (["--clip-grad-norm", "-1"], "--clip-grad-norm -1"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm 0"), (["--lr", "inf"], "--lr inf"), (["--lr", "nan"], "--lr nan"),
+    (["--lr", "-0.1"], "--lr -0.1"), (["--lr-gamma", "-0.1"], "--lr-gamma -0.1"), (["--lr-gamma", "0"], "--lr-gamma 0"),
+    (["--lr-min", "-1"], "--lr-min -1"), (["--lr-min", "5"], "--lr-min 5"), (["--epochs", "0"], "--epochs 0"),
+    (["--seed", "-1"], "--seed -1"), (["--workers", "-1"], "--workers -1"), (["--sigma", "inf"], "--sigma inf"),
+    (["--sigma", "0"], "--sigma 0"), (["--tau-image", "1.5"], "--tau-image 1.5"),
+    (["--tau-dataset", "nan"], "--tau-dataset nan"), (["--crop-scale-min", "0"], "--crop-scale-min 0"),
+    (["--val-split", "0.5"], "--val-split 0.5"), (["--max-bad-steps", "0"], "--max-bad-steps 0"),
+    (["--save-every-steps", "-1"], "--save-every-steps -1"), (["--mixup-alpha", "-1"], "--mixup-alpha -1"),
+    (["--cutmix-alpha", "inf"], "--cutmix-alpha inf"), (["--num-classes", "1"], "--num-classes 1"),
+    (["--policy-size", "8"], "--policy-size 8"), (["--ra-magnitude", "31"], "--ra-magnitude 31"),
+    (["--augmix-severity", "0"], "--augmix-severity 0"), (["--synthetic-size", "8"], "--synthetic-size 8"),
+    (["--synthetic-per-class", "0"], "--synthetic-per-class 0"), (["--grid", "0"], "--grid 0"),
+    (["--kernel", "-3"], "--kernel -3"), (["--amp-dtype", "float8"], "--amp-dtype"),
+    (["--interpolation", "lanczos"], "--interpolation"), (["--lr-warmup-method", "cosine"], "--lr-warmup-method"),
+    (["--objective", "x"], "--objective"), (["--noise", "salt"], "--noise"),
+    (["--auto-augment", "x"], "--auto-augment"),
+    (["--policy-model", "vit"], "--policy-model"), (["--resume", ""], "--resume ''"),
+    (["--lr", "abc"], "--lr"), (["--batch-size", "1.5"], "--batch-size"), (["--no-such-flag"], "--no-such-flag"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_every_bad_flag_is_one_line_before_any_work(tmp_path, capsys, args, needle):
+    out = tmp_path / "o"
+    try:
+        code = pgnm.cli([*args, "--output-dir", str(out)])
+    except SystemExit as e:                     # argparse's own refusals (unparsable value, unknown flag)
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert needle in err and "Traceback" not in err, err
+    assert "e.g. -" not in err, err                          # --kernel -3 once suggested "e.g. -2"
+    if "crop-size" in needle or "resize-size" in needle:
+        assert "--grid" not in err, err                      # a zero crop was blamed on --grid
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file_and_a_resume_folder(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert pgnm.cli(["--output-dir", str(f)]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+    assert pgnm.cli(["--resume", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--synthetic-per-class", "2",
+                     "--synthetic-size", "32", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a folder" in err and "does not exist" not in err, err
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _bad_npz_cases():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (12, 28, 28), dtype=np.uint8)
+    ok = (np.arange(12) % 3).reshape(12, 1)
+
+    def official(**over):
+        d = {f"{s}_{k}": v for s in ("train", "val", "test") for k, v in (("images", imgs), ("labels", ok))}
+        d.update(over)
+        return d
+    nan = ok.astype(float)
+    nan[3] = np.nan
+    frac = ok.astype(float)
+    frac[0] = 0.7
+    return {
+        "nan_labels": (official(train_labels=nan), ["train_labels", "whole numbers", "nan"]),
+        "fractional_labels": (official(val_labels=frac), ["val_labels", "whole numbers", "0.7"]),
+        "string_labels": (official(train_labels=np.array(["a"] * 12)), ["train_labels", "integers", "<U1"]),
+        "object_labels": (official(test_labels=np.array([1, "x"] * 6, dtype=object)), ["test_labels"]),
+        "0d_labels": (official(train_labels=np.array(3)), ["train_labels", "shape ()"]),
+        "negative_labels": (official(val_labels=ok - 1), ["val_labels", ">= 0", "-1"]),
+        "empty_val": (official(val_images=imgs[:0], val_labels=ok[:0]), ["val split has no images"]),
+        "single_class": (official(train_labels=np.zeros((12, 1), int)), ["one class only", "at least two"]),
+        "float_images": (official(train_images=imgs.astype(np.float32)), ["train images must be uint8"]),
+        "merged_val_empty": ({"images": imgs, "labels": ok}, ["--val-split 0.1", "val/test split", "empty"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_npz_cases()))
+def test_bad_npz_is_one_line_naming_file_and_split(tmp_path, capsys, case):
+    arrays, needles = _bad_npz_cases()[case]
+    p = _npz(tmp_path / f"{case}.npz", **arrays)
+    code = pgnm.cli(["--data-path", p, "--output-dir", str(tmp_path / "o"), "--train-crop-size", "28",
+                     "--val-resize-size", "28", "--val-crop-size", "28", "--grid", "7", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert os.path.basename(p) in err and "-9223372036854775808" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_npz_float_labels_holding_whole_numbers_are_accepted(tmp_path):
+    labels = (np.arange(12) % 3).astype(np.float64)
+    assert pgnm.npz_labels(labels, "x.npz", "train").dtype == np.int64
+    assert pgnm.npz_labels(labels, "x.npz", "train").tolist() == (np.arange(12) % 3).tolist()
+
+
+def test_float_image_with_nan_pixels_keeps_its_contrast():
+    a = np.linspace(0.0, 100.0, 64, dtype=np.float32).reshape(8, 8)
+    a[0, 1], a[0, 2], a[0, 3] = np.nan, np.inf, -np.inf
+    out = np.asarray(pgnm.to_8bit(Image.fromarray(a, mode="F")))
+    assert out[7, 7] == 255 and out[4, 4] == round(float(a[4, 4]) * 2.55)     # scaled by the finite range
+    assert out[0, 1] == 0 and out[0, 2] == 255 and out[0, 3] == 0              # NaN/-inf -> 0, +inf -> 255
+    assert np.asarray(pgnm.to_8bit(Image.fromarray(np.full((3, 3), np.nan, np.float32), "F"))).max() == 0
+
+
+def _link_tree(root):
+    _write_imagefolder(root, classes=("a", "b"), per=2, size=8, modes=("L",))
+    return os.path.join(root, "train")
+
+
+@pytest.mark.parametrize("case", ["parent_loop", "self_loop", "out_of_root", "into_other_split", "file_twice",
+                                  "folder_twice"])
+def test_symbolic_links_in_the_data_tree_never_loop_leave_or_count_twice(tmp_path, case):
+    train = _link_tree(str(tmp_path / "d"))
+    a, b = os.path.join(train, "a"), os.path.join(train, "b")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside / "x.png")
+    if case == "parent_loop":                   # ln -s .. train/a/again: b's images would count as a's
+        os.symlink("..", os.path.join(a, "again"))
+    elif case == "self_loop":                   # ln -s . train/a/x: a's images counted 40 times
+        os.symlink(".", os.path.join(a, "x"))
+    elif case == "out_of_root":
+        os.symlink(str(outside / "x.png"), os.path.join(a, "x.png"))
+    elif case == "into_other_split":
+        os.symlink(os.path.join(str(tmp_path / "d"), "val", "a"), os.path.join(a, "val_a"))
+    elif case == "file_twice":                  # the same image in two classes
+        os.symlink(os.path.join(a, "0.png"), os.path.join(b, "dup.png"))
+    else:
+        os.makedirs(os.path.join(train, ".shared"))
+        os.symlink(os.path.join(train, ".shared"), os.path.join(a, "s1"))
+        os.symlink(os.path.join(train, ".shared"), os.path.join(b, "s2"))
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(train, ".shared", "y.png"))
+    with pytest.raises(pgnm.UserError, match="symbolic link|again|same file|counted already"):
+        pgnm.ImageFolderDataset(train)
+
+
+def test_symbolic_links_inside_the_split_are_followed_once(tmp_path):
+    train = _link_tree(str(tmp_path / "d"))
+    store = os.path.join(train, ".store")       # not a class (hidden): a link farm inside the split
+    os.makedirs(store)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(store, "z.png"))
+    os.symlink(os.path.join(store, "z.png"), os.path.join(train, "a", "z.png"))
+    os.symlink(os.path.join(train, "b"), os.path.join(str(tmp_path / "d"), "train_b_link"))   # outside: unused
+    ds = pgnm.ImageFolderDataset(train)
+    assert ds.classes == ["a", "b"] and len(ds) == 5 and ds.targets.count(0) == 3
+
+
+def test_split_folders_must_not_overlap(tmp_path, capsys):
+    root = str(tmp_path / "d")
+    _link_tree(root)
+    shutil.rmtree(os.path.join(root, "val"))
+    os.symlink(os.path.join(root, "train"), os.path.join(root, "val"))
+    code = pgnm.cli(["--data-path", root, "--output-dir", str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "splits must not share" in err, err
+
+
+def _authors_checkpoint(path, with_optimizer=True):
+    """The authors' train.py layout: DDP-prefixed weights, one SGD over both networks, 'args' an argparse.Namespace."""
+    model, policy = pgnm.build_model("resnet10t", 24), pgnm.PolicyNet(8)
+    opt = torch.optim.SGD(list(model.parameters()) + list(policy.parameters()), lr=0.1, momentum=0.9)
+    ck = {"model": {f"module.{k}": v for k, v in model.state_dict().items()},
+          "policy_net": policy.state_dict(), "main_lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 30).state_dict(),
+          "base_alpha": torch.rand(1, 64), "base_beta": torch.rand(1, 64), "epoch": 3,
+          "args": argparse.Namespace(lr=0.1, grid=8, model="resnet10t", epochs=90)}
+    if with_optimizer:
+        ck["optimizer"] = opt.state_dict()
+    torch.save(ck, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["authors", "weights_only", "no_optimizer", "not_a_dict"])
+def test_resume_from_a_foreign_checkpoint_is_one_line_suggesting_finetune(tmp_path, capsys, kind):
+    p = tmp_path / "c.pth"
+    if kind == "authors":
+        _authors_checkpoint(p)
+    elif kind == "weights_only":
+        torch.save(pgnm.build_model("resnet10t", 24).state_dict(), p)
+    elif kind == "no_optimizer":
+        ck = {"model": pgnm.build_model("resnet10t", 24).state_dict(), "epoch": 0, "step": 1, "args": {},
+              "main_lr_scheduler": {}}
+        torch.save(ck, p)
+    else:
+        torch.save([torch.zeros(1)], p)
+    code = pgnm.cli(["--resume", str(p), "--output-dir", str(tmp_path / "o"), *TINY_CLI])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"--finetune {p}" in err and ("authors'" in err) == (kind == "authors"), err
+    assert not (tmp_path / "o" / "checkpoint.pth").exists()
+
+
+def test_the_authors_checkpoint_can_start_a_run_through_finetune(tmp_path):
+    sd = pgnm.load_classifier_weights(_authors_checkpoint(tmp_path / "c.pth", with_optimizer=False))
+    m = pgnm.build_model("resnet10t", 24)
+    pgnm.load_into_classifier(m, sd, "c.pth", "resnet10t", log=lambda *_: None)
 
 
 def test_class_folder_without_images(tmp_path):
