@@ -809,6 +809,15 @@ class ArrayDataset(AugmentedDataset):
         return a.expand(3, *a.shape) if a.ndim == 2 else a.permute(2, 0, 1)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: SIGTERM and SIGINT are for the training process, which finishes its step, writes a
+    checkpoint and then shuts its workers down. scancel and a SLURM time limit signal the whole process group; a
+    worker killed by it would end the run ('DataLoader worker exited unexpectedly') before that checkpoint."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def collate_skip_none(batch):
     """default_collate without the samples that --skip-bad-images dropped."""
     batch = [b for b in batch if b is not None]
@@ -1341,17 +1350,110 @@ def safe_load(path: str, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
-    """Write to a temp file, fsync, then os.replace: a reader never sees a half-written file. With keep_previous,
-    the old file is first moved there, so a good checkpoint exists at every instant."""
+TEMP_FILE = re.compile(r"^(checkpoint\.pth|checkpoint_prev\.pth|model_[a-z]+\.pth|log\.jsonl)\.tmp\.\d+$")
+
+
+def _create_new(path: str) -> int:
+    """Open a file that did not exist, for writing, never through a symbolic link; a leftover one is removed first."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        return os.open(path, flags, 0o644)
+    except FileExistsError:
+        os.unlink(path)                      # unlink removes a planted link itself, never its target
+        return os.open(path, flags, 0o644)
+
+
+def write_atomic(path: str, data: bytes, keep_previous: str | None = None) -> None:
+    """Write to a fresh temp file, fsync, then os.replace: a reader never sees a half-written file, and a symbolic link
+    at `path` is replaced, its target untouched. With keep_previous, the old file is first moved there, so a complete
+    file exists at every instant. A failed write (disk full, quota, ...) removes the temp file, leaves the existing
+    files as they were and raises UserError."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if keep_previous and os.path.exists(path):
+    try:
+        fd = _create_new(tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        kept = f"; {os.path.basename(path)} is as it was" if os.path.exists(path) else ""
+        raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__}){kept}: free space or fix the "
+                        f"folder, then resume with --resume auto") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if keep_previous and os.path.lexists(path):
         os.replace(path, keep_previous)
     os.replace(tmp, path)
+    with contextlib.suppress(OSError, AttributeError):   # make the renames durable (POSIX; not on Windows)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
+    """torch.save through write_atomic (serialised in memory first, so a failed write is a plain OSError)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getbuffer(), keep_previous)
+
+
+def nonfinite_tensors(obj, prefix: str = "") -> list[str]:
+    """The names of the floating-point tensors (and floats) in a nested dict/list that hold a NaN or an inf."""
+    found: list[str] = []
+    tensors: list[tuple[str, torch.Tensor]] = []
+
+    def walk(o, name):
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point() or o.is_complex():
+                tensors.append((name, o))
+        elif isinstance(o, float):
+            if not math.isfinite(o):
+                found.append(name)
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}[{i}]")
+    walk(obj, prefix)
+    if tensors:
+        ok = torch.stack([t.detach().isfinite().all().cpu() for _, t in tensors])     # one sync per device
+        found += [name for (name, _), good in zip(tensors, ok.tolist()) if not good]
+    return found
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that exists but must not be used: truncated, a CRC mismatch, unpicklable, non-finite."""
+
+
+def verify_and_load(path: str) -> dict:
+    """Load a checkpoint after checking its integrity: every zip record's CRC-32 (torch.save writes a zip; torch.load
+    itself does not check them, so flipped bits would load as garbage) and, for our keys, finite values."""
+    import zipfile
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                raise CorruptCheckpoint(f"CRC mismatch in {bad}")
+        obj = safe_load(path)
+    except CorruptCheckpoint:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, a refused global, ...
+        raise CorruptCheckpoint(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+                                ) from None
+    if isinstance(obj, dict):
+        bad = nonfinite_tensors({k: obj.get(k) for k in ("model", "policy_net", "base_alpha", "base_beta",
+                                                         "optimizer", "pol_optimizer") if k in obj})
+        if bad:
+            raise CorruptCheckpoint(f"non-finite values in {', '.join(bad[:3])}")
+    return obj
 
 
 def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
@@ -1423,16 +1525,73 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_checkpoint_with_fallback(output_dir: str, log=print) -> tuple[dict | None, str | None]:
-    """The newest readable checkpoint in output_dir: checkpoint.pth, else (reported in one line) the previous one."""
+    """The newest sound checkpoint in output_dir: checkpoint.pth, else (reported in one line) checkpoint_prev.pth.
+    (None, None) only when neither file exists; when they exist but neither is sound, a UserError: a run must not
+    silently start again from scratch (and overwrite them)."""
+    problems = []
     for name in (CHECKPOINT, CHECKPOINT_PREV):
         path = os.path.join(output_dir, name)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             continue
         try:
-            return safe_load(path), path
-        except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
-            log(f"warning: {path} is unreadable ({type(e).__name__}); trying the previous checkpoint")
+            ckpt = verify_and_load(path)
+        except CorruptCheckpoint as e:
+            problems.append(f"{name}: {e}")
+            if name == CHECKPOINT:
+                log(f"warning: {path} is unusable ({e}); trying the previous checkpoint")
+            continue
+        return ckpt, path
+    if problems:
+        raise UserError(f"--resume auto: no usable checkpoint in {output_dir} ({'; '.join(problems)}); nothing was "
+                        f"overwritten: restore a good copy, or move them away to start from scratch")
     return None, None
+
+
+def clean_temp_files(output_dir: str, log=print) -> None:
+    """Remove the temp files a killed run left behind (only names of our own temp pattern; links are unlinked, never
+    followed)."""
+    if not os.path.isdir(output_dir):
+        return
+    for e in os.scandir(output_dir):
+        if TEMP_FILE.match(e.name) and (e.is_symlink() or e.is_file(follow_symlinks=False)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
+            log(f"removed {e.path}, left by an interrupted write")
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str, log=print):
+    """Hold an exclusive lock on <output_dir>/.lock for the run, so that a second run in the same folder is refused
+    instead of interleaving log.jsonl and overwriting checkpoints. The lock is the OS's (flock): it goes when the
+    process dies, however it dies, so a killed run leaves nothing stuck. Where the file system has no locks (some
+    Lustre mounts) or the OS has no flock (Windows), the run goes on with a note."""
+    try:
+        import fcntl
+    except ImportError:
+        log("note: no file locking on this OS: nothing stops a second run in the same --output-dir")
+        yield
+        return
+    path = os.path.join(output_dir, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create the lock file {path} ({e.strerror}): is it a symbolic link, or is the folder "
+                        f"read-only?") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"--output-dir {output_dir} is in use by another run (pid {holder}): wait for it to end, "
+                            f"or choose another --output-dir") from None
+        except OSError as e:
+            log(f"note: cannot lock {path} ({e.strerror}): nothing stops a second run in the same --output-dir")
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else '?'}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 # =====================================================================================================================
@@ -1598,7 +1757,9 @@ def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
     """One optimisation step of both networks: Algorithm 1's loop body. Returns (forward, taken, stop).
 
     A step whose loss or gradients are not finite on any rank is skipped on every rank: weights, optimiser states,
-    BatchNorm statistics and alpha_d/beta_d stay as they were, and the step is counted. The same all-reduce carries
+    BatchNorm statistics and alpha_d/beta_d stay as they were, and the step is counted. Under fp16 a finite loss with
+    overflowing gradients is GradScaler's ordinary skip (its scale is lowered, counted in amp_skipped); a non-finite
+    loss leaves the scale as it was too. The same all-reduce carries
     `stop_pending` (a pre-emption signal on this rank), so all ranks agree to stop after the same step."""
     buffers = snapshot_buffers(run.networks())
     fwd = compute_loss(run, state, x, y)
@@ -1625,13 +1786,21 @@ def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
         else:
             state.bad_in_a_row += 1
             state.bad_total += 1
-    if run.scaler is not None:
-        run.scaler.update()
+    if run.scaler is not None:        # a non-finite loss is no fp16 gradient overflow: the scale stays as it was
+        if loss_bad:
+            run.scaler.update(new_scale=run.scaler.get_scale())
+        else:
+            run.scaler.update()
     return fwd, taken, stop
 
 
 class TrainingStopped(Exception):
-    """Too many non-finite steps in a row, or a requested stop (SIGTERM/SIGUSR1): the CLI exits with code 3."""
+    """A requested stop (SIGTERM/SIGUSR1) after a checkpoint: the CLI exits with code 3, meaning 'resume me'."""
+
+
+class Diverged(TrainingStopped):
+    """Training cannot go on: too many non-finite steps in a row, an epoch of skipped steps only, or a state that is no
+    longer finite. The last good checkpoint is kept; the CLI exits with code 4 (requeueing would fail again)."""
 
 
 class Preemption:
@@ -1732,9 +1901,9 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
         if on_step is not None:
             on_step(step + 1, loss_sum, n_ok, stop)
         if state.bad_in_a_row >= cfg.max_bad_steps:
-            raise TrainingStopped(f"{state.bad_in_a_row} non-finite steps in a row (epoch {epoch + 1}, step "
-                                  f"{step + 1}); lower --lr, add --clip-grad-norm, or drop --amp; the last good "
-                                  f"checkpoint is kept")
+            raise Diverged(f"{state.bad_in_a_row} non-finite steps in a row (epoch {epoch + 1}, step "
+                           f"{step + 1}); lower --lr, add --clip-grad-norm, or drop --amp, and resume with "
+                           f"--resume auto: the last good checkpoint is kept")
         if stop:
             raise TrainingStopped("stop requested by signal")
         t_last = time.perf_counter()
@@ -1912,14 +2081,67 @@ def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> N
         torch.manual_seed(rank_seed(cfg.seed, run.info.rank) + 1)
 
 
+SCHEDULE_FIELDS = ("epochs", "lr", "policy_lr_ratio", "momentum", "weight_decay", "lr_step_size", "lr_gamma", "lr_min",
+                   "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay")
+
+
+def apply_new_schedule(run: Run, saved_args: dict, epochs_done: int, source: str, log) -> None:
+    """The rule for resuming with other optimisation flags: this run's config wins. When --lr, --epochs, the policy's
+    lr ratio, momentum, weight decay or the lr schedule differ from the checkpoint's, the optimisers take the new
+    values and both schedules are rebuilt and stepped through the epochs already done, exactly as if the new values
+    had been used from the start (so a longer --epochs stretches the policy's cosine to end at --lr-min); the
+    momentum buffers are kept. One line says what changed. Same flags: nothing is touched."""
+    cfg = run.cfg
+    changed = [k for k in SCHEDULE_FIELDS if k in saved_args and saved_args[k] != getattr(cfg, k)]
+    if not changed:
+        return
+    for opt, lr in ((run.optimizer, cfg.lr), (run.pol_optimizer, cfg.lr * cfg.policy_lr_ratio)):
+        for group in (opt.param_groups if opt is not None else []):
+            group.update(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            group.pop("initial_lr", None)
+    run.scheduler, run.pol_scheduler = build_schedulers(cfg, run.optimizer, run.pol_optimizer)
+    with warnings.catch_warnings():          # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore")
+        for _ in range(epochs_done):
+            for s in (run.scheduler, run.pol_scheduler):
+                if s is not None:
+                    s.step()
+    now = f"classifier lr {run.optimizer.param_groups[0]['lr']:.6g}"
+    if run.pol_optimizer is not None:
+        now += f", policy lr {run.pol_optimizer.param_groups[0]['lr']:.6g}"
+    log(f"note: {source} was written with " + " ".join(f"--{k.replace('_', '-')} {saved_args[k]}" for k in changed)
+        + "; this run has " + " ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
+        + f": the new values are used and the lr schedules rebuilt as if they had applied from the start ({now} "
+        f"for epoch {epochs_done + 1} of {cfg.epochs})")
+
+
+def json_safe(obj):
+    """NaN and inf as null, so that every log line is valid JSON (json.dumps would write bare NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """Append one JSON line (NaN as null); a symbolic link at path is refused, never written through."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot append to {path} ({e.strerror}; a symbolic link is not written through): "
+                        f"remove it or choose another --output-dir") from None
+    with os.fdopen(fd, "a") as fh:
+        fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 def _trim_log(path: str, start_epoch: int) -> None:
-    """On resume, drop log lines of epochs that will be trained again (and any final line)."""
-    if not os.path.exists(path):
+    """On resume, drop log lines of epochs that will be trained again (and any final line); the file is rewritten
+    by write_atomic, so a symbolic link there is replaced, not written through."""
+    if not os.path.isfile(path):
         return
     with open(path) as fh:
         lines = [ln for ln in fh if ln.strip()]
@@ -1932,8 +2154,8 @@ def _trim_log(path: str, start_epoch: int) -> None:
         if rec.get("final") or rec.get("epoch", 0) > start_epoch:
             continue
         keep.append(ln)
-    with open(path, "w") as fh:
-        fh.writelines(keep)
+    if keep != lines:
+        write_atomic(path, "".join(keep).encode())
 
 
 def default_finetune_path(output_dir: str) -> str:
@@ -2005,6 +2227,7 @@ def build_data(cfg: Config, info: DistInfo) -> Data:
     sampler = TrainSampler(len(train), cfg.batch_size, info.rank, info.world, cfg.seed)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
                      collate_fn=collate_skip_none if cfg.skip_bad_images else None,
+                     worker_init_fn=ignore_stop_signals,
                      generator=torch.Generator())  # own generator: building an iterator must not draw from torch's
     train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                                persistent_workers=cfg.workers > 0, **loader_kw)
@@ -2024,6 +2247,8 @@ def find_checkpoint(cfg: Config, log) -> tuple[dict | None, str | None]:
         ckpt, path = load_checkpoint_with_fallback(cfg.output_dir, log)
         if ckpt is None:
             log(f"resume auto: no checkpoint in {cfg.output_dir}; starting from scratch")
+        else:
+            check_resumable(ckpt, path)
         return ckpt, path
     if os.path.isdir(cfg.resume):
         raise UserError(f"--resume {cfg.resume} is a folder: give its checkpoint.pth, or use --resume auto with "
@@ -2031,10 +2256,12 @@ def find_checkpoint(cfg: Config, log) -> tuple[dict | None, str | None]:
     if not os.path.isfile(cfg.resume):
         raise UserError(f"--resume {cfg.resume} does not exist (use --resume auto to continue the output dir)")
     try:
-        return safe_load(cfg.resume), cfg.resume
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--resume {cfg.resume} is unreadable ({type(e).__name__}); "
+        ckpt = verify_and_load(cfg.resume)
+    except CorruptCheckpoint as e:
+        raise UserError(f"--resume {cfg.resume} is unusable ({e}); "
                         f"try {os.path.join(os.path.dirname(cfg.resume), CHECKPOINT_PREV)}") from None
+    check_resumable(ckpt, cfg.resume)
+    return ckpt, cfg.resume
 
 
 def build_run(cfg: Config, info: DistInfo, num_classes: int, resuming: bool, log) -> tuple[Run, StepState]:
@@ -2087,9 +2314,15 @@ def restore_run(run: Run, state: StepState, ckpt: dict, ckpt_path: str, steps_pe
                         f"this run has {steps_per_epoch}: resume with the same number of processes and --batch-size")
     else:
         start.meter = ckpt.get("meter") or start.meter
+    apply_new_schedule(run, ckpt.get("args") or {}, start.epoch, ckpt_path, log)
     log(f"resumed from {ckpt_path}: epoch {start.epoch + 1}, step {start.step}")
     if run.info.is_main:
-        _trim_log(os.path.join(run.cfg.output_dir, "log.jsonl"), start.epoch)
+        out = run.cfg.output_dir
+        bad = os.path.join(out, CHECKPOINT)
+        if os.path.abspath(ckpt_path) == os.path.abspath(os.path.join(out, CHECKPOINT_PREV)) and os.path.lexists(bad):
+            os.replace(bad, bad + ".corrupt")   # kept for inspection; the next save must not rotate it over prev
+            log(f"moved the unusable {bad} to {bad}.corrupt")
+        _trim_log(os.path.join(out, "log.jsonl"), start.epoch)
     return start
 
 
@@ -2117,11 +2350,25 @@ def log_header(cfg: Config, info: DistInfo, data: Data, log) -> None:
 
 
 def save_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> None:
-    """Every rank builds the payload (the RNG states are gathered); rank 0 writes it, keeping the previous one."""
+    """Every rank builds the payload (the RNG states are gathered); rank 0 writes it, keeping the previous one. A
+    payload with a NaN or inf anywhere is never written (Diverged: the previous checkpoints stay the last good ones);
+    a failed write (disk full) stops every rank with rank 0's message."""
     payload = make_checkpoint(run, state, epoch, step, steps_per_epoch, meter)
+    out = run.cfg.output_dir
+    bad = nonfinite_tensors(payload)
+    if any_rank([bool(bad)], run.info.device)[0]:       # BatchNorm statistics differ between ranks mid-epoch
+        bad = bad or ["another rank's state"]
+        raise Diverged(f"the training state holds NaN/inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) at "
+                       f"epoch {epoch + 1}, step {step}: not written, {os.path.join(out, CHECKPOINT)} stays the last "
+                       f"good checkpoint; lower --lr or add --clip-grad-norm, and resume with --resume auto")
+    error = None
     if run.info.is_main:
-        out = run.cfg.output_dir
-        atomic_save(payload, os.path.join(out, CHECKPOINT), os.path.join(out, CHECKPOINT_PREV))
+        try:
+            atomic_save(payload, os.path.join(out, CHECKPOINT), os.path.join(out, CHECKPOINT_PREV))
+        except UserError as e:
+            error = e
+    if any_rank([error is not None], run.info.device)[0]:
+        raise error or UserError(f"rank 0 could not write the checkpoint in {out} (see its message)")
 
 
 def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict, meter: dict,
@@ -2143,13 +2390,18 @@ def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict
     return rec
 
 
-def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -> dict:
+def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
+                 preemption: Preemption | None = None) -> dict:
     """The epoch loop: train (checkpointing every --save-every-steps and on a stop signal), average BatchNorm
-    statistics over ranks, step the schedulers, evaluate, log, checkpoint. Returns the last epoch's record."""
+    statistics over ranks, step the schedulers, evaluate, log, checkpoint. Returns the last epoch's record.
+    A stop signal that arrives outside a step (setup, evaluation) stops at the next epoch boundary or step; an epoch
+    in which every step was skipped raises Diverged."""
     cfg, out_dir, spe = run.cfg, run.cfg.output_dir, data.steps_per_epoch
     log_path = os.path.join(out_dir, "log.jsonl")
     last: dict = {}
-    with Preemption() as preemption:
+    with (contextlib.nullcontext(preemption) if preemption is not None else Preemption()) as preemption:
+        if start.epoch < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:
+            raise TrainingStopped("stop requested by signal before training began (nothing new to checkpoint)")
         for epoch in range(start.epoch, cfg.epochs):
             step0 = start.step if epoch == start.epoch else 0
             meter = dict(start.meter) if epoch == start.epoch else {"loss_sum": 0.0, "n_ok": 0}
@@ -2162,6 +2414,10 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -
                     save_checkpoint(run, state, epoch, step, spe, acc)
 
             stats = train_one_epoch(run, state, data.train_loader, epoch, step0, log, on_step, preemption)
+            if meter["n_ok"] + stats["n_ok"] == 0:
+                raise Diverged(f"every step of epoch {epoch + 1} was skipped (non-finite loss or gradients, or no "
+                               f"readable batch): nothing was learned; lower --lr, add --clip-grad-norm, or drop --amp "
+                               f"(the last good checkpoint is kept)")
             for net in run.networks():
                 average_buffers(net)
             run.scheduler.step()
@@ -2181,6 +2437,8 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -
                     save_mask_figure(os.path.join(out_dir, f"masks_epoch{epoch + 1:03d}.png"), *stats["last_batch"],
                                      cfg.mean, cfg.std)
             last = rec
+            if epoch + 1 < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:
+                raise TrainingStopped(f"stop requested by signal (after epoch {epoch + 1}, checkpoint written)")
     return last
 
 
@@ -2220,23 +2478,51 @@ def main(cfg: Config) -> dict:
             cleanup_distributed()
 
 
+@contextlib.contextmanager
+def claim_output_dir(cfg: Config, info: DistInfo, log):
+    """Rank 0 creates the output folder and holds its lock for the run (a second run there is refused), refuses a
+    symbolic link at log.jsonl (never written through) and removes the temp files a killed run left. Every rank
+    stops if rank 0 could not."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.is_main:
+            try:
+                try:
+                    os.makedirs(cfg.output_dir, exist_ok=True)
+                except OSError as e:
+                    raise UserError(f"cannot create --output-dir {cfg.output_dir} ({e.strerror})") from None
+                stack.enter_context(output_dir_lock(cfg.output_dir, log))
+                log_path = os.path.join(cfg.output_dir, "log.jsonl")
+                if os.path.islink(log_path):
+                    raise UserError(f"{log_path} is a symbolic link: pgnm.py does not write through links it did not "
+                                    f"create; remove it or choose another --output-dir")
+                clean_temp_files(cfg.output_dir, log)
+            except UserError as e:
+                error = e
+        if any_rank([error is not None], info.device)[0]:
+            raise error or UserError(f"rank 0 could not use --output-dir {cfg.output_dir} (see its message)")
+        yield
+
+
 def run_phase(cfg: Config, info: DistInfo) -> dict:
-    """One phase: data -> networks and optimisers -> restore -> train and evaluate every epoch -> test and save."""
+    """One phase: data -> claim the output folder -> networks and optimisers -> restore -> train and evaluate every
+    epoch -> test and save. A stop signal is caught from the start (see train_epochs)."""
     log = (lambda *a, **k: print(*a, **k, flush=True)) if info.is_main else (lambda *a, **k: None)
     cfg = dataclasses.replace(cfg, output_dir=cfg.output_dir or os.path.join("runs", cfg.phase))
-    configure_runtime(cfg, info, log)
-    data = build_data(cfg, info)
-    ckpt, ckpt_path = find_checkpoint(cfg, log)
-    run, state = build_run(cfg, info, data.num_classes, ckpt is not None, log)
-    start = restore_run(run, state, ckpt, ckpt_path, data.steps_per_epoch, log) if ckpt is not None else Progress()
-    wrap_for_training(run)
-    if info.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    log_header(cfg, info, data, log)
-    last = train_epochs(run, state, data, start, log)
-    if not last and ckpt is not None:
-        log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
-    return finish(run, state, data, last, log)
+    with Preemption() as preemption:
+        configure_runtime(cfg, info, log)
+        data = build_data(cfg, info)
+        with claim_output_dir(cfg, info, log):
+            ckpt, ckpt_path = find_checkpoint(cfg, log)
+            run, state = build_run(cfg, info, data.num_classes, ckpt is not None, log)
+            start = (restore_run(run, state, ckpt, ckpt_path, data.steps_per_epoch, log) if ckpt is not None
+                     else Progress())
+            wrap_for_training(run)
+            log_header(cfg, info, data, log)
+            last = train_epochs(run, state, data, start, log, preemption)
+            if not last and ckpt is not None:
+                log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
+            return finish(run, state, data, last, log)
 
 
 # =====================================================================================================================
@@ -2450,7 +2736,11 @@ def cli(argv: Sequence[str] | None = None) -> int:
         line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         line = line.split("UserError: ", 1)[-1]
         print(f"error: {line}" if isinstance(e, UserError) else f"stopped: {line}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, UserError) else 3
+        return 2 if isinstance(e, UserError) else 4 if isinstance(e, Diverged) else 3
+    except OSError as e:           # the environment, not the code: a read-only folder, a vanished file, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume auto", file=sys.stderr)
         return 130

@@ -979,38 +979,238 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, straight_run, workers
         assert f"epoch 2, step {ck['step']}" in proc.stdout or "epoch 2, step" in proc.stdout
 
 
-def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_is_identical(tmp_path, straight_run):
+@pytest.fixture(scope="module")
+def first_epoch(tmp_path_factory):
+    """TINY_CLI's first epoch alone (checkpoints at steps 5, 10 and 12): the start of several fault tests below.
+    Saving more often changes no number, so continuing it must end exactly where straight_run ends."""
+    out = str(tmp_path_factory.mktemp("first_epoch"))
+    proc = run_cli(*TINY_CLI, "--epochs", "1", "--workers", "0", "--save-every-steps", "5", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return str(dst)
+
+
+def test_resume_with_more_epochs_rebuilds_the_schedules_and_equals_a_straight_run(tmp_path, first_epoch,
+                                                                                 straight_run):
+    out = _copy_run(first_epoch, tmp_path / "o")
+    proc = run_cli(*TINY_CLI, "--workers", "0", "--output-dir", out, "--resume", "auto")      # --epochs 1 -> 2
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    note = [ln for ln in proc.stdout.splitlines() if ln.startswith("note: ") and "--epochs 1" in ln]
+    assert len(note) == 1 and "this run has --epochs 2" in note[0] and "policy lr 0.001 for epoch 2" in note[0], note
+    _assert_same_state(_final_state(out), straight_run)     # the policy's cosine now spans 2 epochs, as straight
+    assert [r["epoch"] for r in read_log(out) if not r.get("final")] == [1, 2]
+
+
+def test_sigterm_to_the_process_group_with_workers_checkpoints_exits_3_and_resumes_identically(
+        tmp_path, first_epoch, straight_run):
     import signal
-    import time
-    out = str(tmp_path)
-    args = [*TINY_CLI, "--workers", "0", "--output-dir", out]
+    out = _copy_run(first_epoch, tmp_path / "o")
+    args = [*TINY_CLI, "--workers", "2", "--output-dir", out, "--resume", "auto"]
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pgnm.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:                       # wait for a step in the middle of epoch 2
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)   # its own group, as SLURM's
+    for line in proc.stdout:                        # a step in the middle of epoch 2: the workers are running
         if "epoch 2/2 step 5/12" in line:
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)         # what scancel and a time limit do: every process of the group
             break
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3 and "stopped: stop requested by signal" in err, err[-2000:]
-    ck = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert err.strip().splitlines() == ["stopped: stop requested by signal"], err[-3000:]
+    ck = pgnm.verify_and_load(os.path.join(out, "checkpoint.pth"))
     assert ck["epoch"] == 1 and 5 <= ck["step"] < 12
-    res = run_cli(*args, "--resume", "auto")
+    res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-2000:]
     _assert_same_state(_final_state(out), straight_run)
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    out = str(tmp_path)
-    pgnm.main(tiny(output_dir=out, epochs=2))
-    path = os.path.join(out, "checkpoint.pth")
+def test_sigterm_under_torchrun_checkpoints_on_every_rank(tmp_path):
+    """torchrun forwards the signal (and the group's SIGTERM reaches its workers directly): both ranks stop after the
+    same step, rank 0 writes a checkpoint. torchrun itself exits 1 (it raises on its own SIGTERM), which is why the
+    README's requeue script starts pgnm.py with srun instead."""
+    import signal
+    out = str(tmp_path / "o")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "pgnm.py"), *TINY_CLI, "--workers", "2", "--output-dir", out]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if "epoch 1/2 step 3/6" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert err.count("stopped: stop requested by signal") == 2 and "exited unexpectedly" not in err, err[-3000:]
+    ck = pgnm.verify_and_load(os.path.join(out, "checkpoint.pth"))
+    assert ck["epoch"] == 0 and 3 <= ck["step"] < 6 and ck["world_size"] == 2 and len(ck["rng"]) == 2
+
+
+def _corrupt(path, how):
     size = os.path.getsize(path)
     with open(path, "r+b") as fh:
-        fh.truncate(size // 2)
-    proc = run_cli(*TINY_CLI, "--epochs", "3", "--workers", "0", "--output-dir", out, "--resume", "auto")
+        if how == "truncate":
+            fh.truncate(size // 2)
+        elif how == "overwrite_4k":                 # 4 KiB of zeros in the middle: torch.load alone does not notice
+            fh.seek(size // 2)
+            fh.write(b"\0" * 4096)
+        elif how == "flip_bit":                     # one bit of tensor data
+            fh.seek(size // 2)
+            b = fh.read(1)
+            fh.seek(size // 2)
+            fh.write(bytes([b[0] ^ 0x10]))
+        else:                                       # garbage from the start
+            fh.write(b"not a checkpoint" * 64)
+
+
+def _two_checkpoints(out):
+    """checkpoint.pth and checkpoint_prev.pth of an untrained tiny run (no training needed to test loading)."""
+    cfg = tiny(output_dir=out)
+    run, state = pgnm.build_run(cfg, pgnm.DistInfo(), 24, False, log=lambda *_: None)
+    os.makedirs(out, exist_ok=True)
+    for step in (1, 2):
+        pgnm.save_checkpoint(run, state, 0, step, 12, {"loss_sum": 0.0, "n_ok": step})
+    return run, state
+
+
+@pytest.mark.parametrize("how", ["truncate", "overwrite_4k", "flip_bit", "garbage"])
+def test_a_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path, how):
+    out = str(tmp_path)
+    _two_checkpoints(out)
+    path = os.path.join(out, "checkpoint.pth")
+    _corrupt(path, how)
+    if how in ("overwrite_4k", "flip_bit"):
+        torch.load(path, weights_only=True)         # torch.load alone takes the damaged file ...
+    msgs = []
+    ck, used = pgnm.load_checkpoint_with_fallback(out, log=msgs.append)
+    assert used.endswith("checkpoint_prev.pth") and ck["step"] == 1      # ... it is caught before use
+    assert len(msgs) == 1 and "checkpoint.pth is unusable" in msgs[0], msgs
+
+
+def test_both_checkpoints_unusable_stops_with_one_line_and_overwrites_nothing(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    _two_checkpoints(out)
+    _corrupt(os.path.join(out, "checkpoint.pth"), "overwrite_4k")
+    _corrupt(os.path.join(out, "checkpoint_prev.pth"), "truncate")
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".pth")}
+    code = pgnm.cli([*TINY_CLI, "--output-dir", out, "--resume", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no usable checkpoint" in err and "CRC" in err, err
+    after = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".pth")}
+    assert after == before and not os.path.exists(os.path.join(out, "log.jsonl"))
+
+
+def test_corrupt_checkpoint_end_to_end_resumes_from_the_previous_one_exactly(tmp_path, first_epoch, straight_run):
+    out = _copy_run(first_epoch, tmp_path / "o")        # checkpoint.pth: epoch 1 done; prev: step 10 of 12
+    _corrupt(os.path.join(out, "checkpoint.pth"), "overwrite_4k")
+    proc = run_cli(*TINY_CLI, "--workers", "0", "--output-dir", out, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "checkpoint.pth is unreadable" in proc.stdout and "trying the previous checkpoint" in proc.stdout
-    assert f"resumed from {os.path.join(out, 'checkpoint_prev.pth')}: epoch 2, step 0" in proc.stdout
-    assert [r["epoch"] for r in read_log(out) if not r.get("final")] == [1, 2, 3]
+    assert "checkpoint.pth is unusable (CRC mismatch" in proc.stdout
+    assert f"resumed from {os.path.join(out, 'checkpoint_prev.pth')}: epoch 1, step 10" in proc.stdout
+    assert os.path.exists(os.path.join(out, "checkpoint.pth.corrupt"))        # kept aside, not rotated over prev
+    _assert_same_state(_final_state(out), straight_run)
+
+
+def test_disk_full_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, first_epoch):
+    """A real failing write: the file size limit (RLIMIT_FSIZE) stops the checkpoint write half-way, as a full disk
+    would (EFBIG instead of ENOSPC; the ENOSPC path is the same code, checked in-process below)."""
+    import resource
+    import signal
+    out = _copy_run(first_epoch, tmp_path / "o")
+    path = os.path.join(out, "checkpoint.pth")
+    before = open(path, "rb").read()
+    limit = len(before) // 2
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # the write then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "pgnm.py"), *TINY_CLI, "--workers", "0", "--output-dir",
+                           out, "--resume", "auto", "--save-every-steps", "1"], capture_output=True, text=True,
+                          preexec_fn=small_disk, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "cannot write" in err and "checkpoint.pth is as it was" in err, err
+    assert open(path, "rb").read() == before
+    assert not [f for f in os.listdir(out) if ".tmp." in f]
+
+
+def test_enospc_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+    p, prev = str(tmp_path / "checkpoint.pth"), str(tmp_path / "checkpoint_prev.pth")
+    pgnm.atomic_save({"v": torch.tensor(1)}, p, prev)
+    pgnm.atomic_save({"v": torch.tensor(2)}, p, prev)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(pgnm.UserError, match="No space left on device.*checkpoint.pth is as it was"):
+        pgnm.atomic_save({"v": torch.tensor(3)}, p, prev)
+    monkeypatch.undo()
+    assert pgnm.safe_load(p)["v"].item() == 2 and pgnm.safe_load(prev)["v"].item() == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_prev.pth"]
+
+
+def test_writes_never_follow_a_planted_symbolic_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "o"
+    out.mkdir()
+    p = str(out / "checkpoint.pth")
+    os.symlink(victim, f"{p}.tmp.{os.getpid()}")             # a planted temp file name
+    pgnm.atomic_save({"v": torch.tensor(1)}, p)
+    os.symlink(victim, str(out / "model_heated.pth"))         # a planted target
+    pgnm.atomic_save({"v": torch.tensor(2)}, str(out / "model_heated.pth"))
+    os.symlink(victim, str(out / "log.jsonl"))
+    with pytest.raises(pgnm.UserError, match="symbolic link"):
+        pgnm._append_jsonl(str(out / "log.jsonl"), {"epoch": 1})
+    assert victim.read_text() == "precious" and not os.path.islink(out / "model_heated.pth")
+    assert pgnm.safe_load(p)["v"].item() == 1
+
+
+def test_a_linked_log_is_refused_at_start_and_never_trimmed(tmp_path, capsys):
+    out = tmp_path / "o"
+    _two_checkpoints(str(out))
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text('{"epoch": 5}\n')
+    os.symlink(victim, out / "log.jsonl")
+    code = pgnm.cli([*TINY_CLI, "--output-dir", str(out), "--resume", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "log.jsonl is a symbolic link" in err, err
+    assert victim.read_text() == '{"epoch": 5}\n'
+
+
+def test_leftover_temp_files_are_removed_at_start_and_links_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pth.tmp.4242").write_bytes(b"half a checkpoint")
+    os.symlink(victim, out / "model_heated.pth.tmp.77")
+    (out / "notes.tmp.1").write_text("not ours")
+    pgnm.clean_temp_files(str(out), log=lambda *_: None)
+    assert sorted(os.listdir(out)) == ["notes.tmp.1"] and victim.read_text() == "precious"
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
+    import signal
+    out = str(tmp_path / "o")
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "pgnm.py"), *TINY_CLI, "--epochs", "50",
+                              "--workers", "0", "--output-dir", out], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stdout:                     # the header is printed once the folder is claimed
+            if line.startswith("config: "):
+                break
+        code = pgnm.cli([*TINY_CLI, "--output-dir", out])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"--output-dir {out} is in use by another run (pid {first.pid} on" in err, err
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with pgnm.output_dir_lock(out, log=lambda *_: None):      # the kernel released the dead run's lock
+        pass
 
 
 def test_resume_with_other_flags_is_refused(tmp_path):
@@ -1079,6 +1279,127 @@ def test_too_many_bad_steps_stop_cleanly_and_keep_the_last_good_checkpoint(tmp_p
         pgnm.main(tiny(output_dir=out, epochs=2, resume="auto", max_bad_steps=3))
     kept = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     assert kept["epoch"] == good["epoch"] and torch.equal(kept["base_alpha"], good["base_alpha"])
+
+
+def _tiny_run(**kw):
+    cfg = tiny(**kw)
+    return pgnm.build_run(cfg, pgnm.DistInfo(), 24, False, log=lambda *_: None)
+
+
+def _everything(run, state):
+    """Every state a step may change, copied: weights, buffers, optimiser states, scaler, alpha_d/beta_d."""
+    import copy
+    return {"nets": [{k: v.clone() for k, v in n.state_dict().items()} for n in run.networks()],
+            "opts": [copy.deepcopy(o.state_dict()) for o in run.optimizers()],
+            "scaler": dict(run.scaler.state_dict()), "alpha": state.alpha_d.clone(), "beta": state.beta_d.clone()}
+
+
+def _same(a, b):
+    def eq(x, y):
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
+        return x == y
+    return eq(a, b)
+
+
+def test_a_skipped_step_leaves_every_state_as_it_was(monkeypatch):
+    """The heated step whose forward ran (BatchNorm statistics updated) but whose loss is NaN: weights, BatchNorm
+    buffers, momentum, GradScaler and alpha_d/beta_d are bit for bit as before. A finite loss with overflowing
+    gradients is GradScaler's own skip: only its scale changes (halved)."""
+    torch.manual_seed(0)
+    run, state = _tiny_run()
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    assert pgnm.train_step(run, state, x, y)[1]                 # a good step: momentum buffers exist
+    before = _everything(run, state)
+    real = pgnm.paper_objective
+    monkeypatch.setattr(pgnm, "paper_objective", lambda logp, ce: real(logp, ce) * float("nan"))
+    _, taken, _ = pgnm.train_step(run, state, x * 3 + 1, y)    # other statistics: BatchNorm would move
+    assert not taken and state.bad_in_a_row == 1 and state.amp_skipped == 0
+    assert _same(_everything(run, state), before)
+    assert all(torch.isfinite(v).all() for n in run.networks() for k, v in n.state_dict().items() if "running" in k)
+    monkeypatch.setattr(pgnm, "paper_objective", real)
+    hook = run.model_raw.fc.weight.register_hook(lambda g: g * float("inf"))
+    _, taken, _ = pgnm.train_step(run, state, x, y)
+    hook.remove()
+    after = _everything(run, state)
+    assert not taken and state.amp_skipped == 1 and state.bad_in_a_row == 1
+    assert after["scaler"]["scale"] == before["scaler"]["scale"] / 2
+    assert _same({k: v for k, v in after.items() if k != "scaler"}, {k: v for k, v in before.items() if k != "scaler"})
+
+
+def test_a_checkpoint_holding_nan_is_never_written(tmp_path):
+    out = str(tmp_path)
+    run, state = _two_checkpoints(out)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out)) if f.endswith(".pth")}
+    run.model_raw.bn1.running_var[3] = float("nan")
+    with pytest.raises(pgnm.Diverged, match="bn1.running_var.*not written"):
+        pgnm.save_checkpoint(run, state, 0, 3, 12, {"loss_sum": 0.0, "n_ok": 3})
+    after = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out)) if f.endswith(".pth")}
+    assert after == before
+
+
+def test_divergence_exits_4_with_only_finite_checkpoints_and_the_advised_lr_is_used(tmp_path, capsys):
+    """The report's case: lr 1e6, checkpoints every 2 steps, 5 bad steps allowed. Every checkpoint left is finite,
+    the exit code (4) is not the requeue code (3), and resuming with a lower --lr uses it."""
+    out = str(tmp_path / "o")
+    args = [*TINY_CLI, "--batch-size", "24", "--save-every-steps", "2", "--max-bad-steps", "5", "--output-dir", out]
+    code = pgnm.cli([*args, "--lr", "1e6"])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and len(err.splitlines()) == 1 and "non-finite steps in a row" in err and "--lr" in err, err
+    names = [f for f in os.listdir(out) if f.startswith("checkpoint")]
+    assert names
+    for f in names:
+        ck = pgnm.verify_and_load(os.path.join(out, f))
+        assert not pgnm.nonfinite_tensors(ck), f
+    assert all(json.loads(ln, parse_constant=pytest.fail) for ln in open(os.path.join(out, "log.jsonl")))
+    pgnm.cli([*args, "--lr", "0.01", "--resume", "auto"])
+    stdout = capsys.readouterr().out
+    assert "--lr 1000000.0" in stdout and "this run has --lr 0.01" in stdout
+    assert re.search(r"step \d+/4\s+loss \S+\s+lr 0\.01\s", stdout), stdout[-2000:]
+
+
+def test_a_run_whose_every_step_is_skipped_does_not_exit_0(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pgnm, "paper_objective", _nan_objective([], lambda n: True))
+    out = str(tmp_path / "o")
+    code = pgnm.cli([*TINY_CLI, "--epochs", "1", "--batch-size", "48", "--max-bad-steps", "50", "--output-dir", out])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and "every step of epoch 1 was skipped" in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
+    assert not os.path.exists(os.path.join(out, "model_heated.pth"))
+
+
+def test_resume_with_a_new_lr_rebuilds_the_schedules_and_keeps_momentum(tmp_path):
+    torch.manual_seed(0)
+    run1, state1 = _tiny_run(lr=0.02, epochs=1)
+    pgnm.train_step(run1, state1, torch.randn(8, 3, 32, 32), torch.arange(8))
+    ck = pgnm.make_checkpoint(run1, state1, 0, 12, 12, {"loss_sum": 0.0, "n_ok": 12})   # epoch 1 of 1 done
+    run2, state2 = _tiny_run(lr=0.01, epochs=3, output_dir=str(tmp_path))
+    msgs = []
+    start = pgnm.restore_run(run2, state2, ck, "c.pth", 12, msgs.append)
+    assert start.epoch == 1
+    assert run2.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)                 # StepLR(4): not yet decayed
+    assert run2.pol_optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * (1 + math.cos(math.pi / 3)) / 2)
+    mom1 = [s["momentum_buffer"] for s in run1.optimizer.state_dict()["state"].values()]
+    mom2 = [s["momentum_buffer"] for s in run2.optimizer.state_dict()["state"].values()]
+    assert mom1 and all(torch.equal(a, b) for a, b in zip(mom1, mom2))
+    note = [m for m in msgs if m.startswith("note:")]
+    assert len(note) == 1 and "--epochs 1 --lr 0.02" in note[0] and "this run has --epochs 3 --lr 0.01" in note[0]
+    run3, state3 = _tiny_run(lr=0.02, epochs=1, output_dir=str(tmp_path))                # same flags: no note
+    msgs.clear()
+    pgnm.restore_run(run3, state3, ck, "c.pth", 12, msgs.append)
+    assert not [m for m in msgs if m.startswith("note:")]
+
+
+def test_log_lines_are_strict_json_with_null_for_nan(tmp_path):
+    p = str(tmp_path / "log.jsonl")
+    pgnm._append_jsonl(p, {"val_auroc": float("nan"), "x": [float("inf"), 1.0]})
+    rec = json.loads(open(p).read(), parse_constant=pytest.fail)
+    assert rec == {"val_auroc": None, "x": [None, 1.0]}
 
 
 # =====================================================================================================================
