@@ -2279,6 +2279,9 @@ def build_run(cfg: Config, info: DistInfo, num_classes: int, resuming: bool, log
                             f"(with the same --data-path), or pass --finetune PATH")
     if init_from and not resuming:
         load_into_classifier(model, load_classifier_weights(init_from), init_from, cfg.model, log)
+        bad = nonfinite_tensors(model.state_dict())
+        if bad:
+            raise UserError(f"{init_from} holds NaN/inf weights ({', '.join(bad[:3])}): a run cannot start from it")
         log(f"initialised the classifier from {init_from}")
     if cfg.sync_bn and info.distributed and dev.type != "cuda":
         log("note: --sync-bn needs GPUs (SyncBatchNorm has no CPU kernel); BatchNorm stays per process")

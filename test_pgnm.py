@@ -760,6 +760,15 @@ def test_resume_from_a_foreign_checkpoint_is_one_line_suggesting_finetune(tmp_pa
     assert not (tmp_path / "o" / "checkpoint.pth").exists()
 
 
+def test_finetune_from_nan_weights_is_refused(tmp_path, capsys):
+    sd = pgnm.build_model("resnet10t", 24).state_dict()
+    sd["layer1.0.conv1.weight"][0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    code = pgnm.cli([*TINY_CLI, "--finetune", str(tmp_path / "nan.pth"), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "layer1.0.conv1.weight" in err and "NaN/inf" in err, err
+
+
 def test_the_authors_checkpoint_can_start_a_run_through_finetune(tmp_path):
     sd = pgnm.load_classifier_weights(_authors_checkpoint(tmp_path / "c.pth", with_optimizer=False))
     m = pgnm.build_model("resnet10t", 24)
@@ -1104,8 +1113,12 @@ def test_both_checkpoints_unusable_stops_with_one_line_and_overwrites_nothing(tm
 def test_corrupt_checkpoint_end_to_end_resumes_from_the_previous_one_exactly(tmp_path, first_epoch, straight_run):
     out = _copy_run(first_epoch, tmp_path / "o")        # checkpoint.pth: epoch 1 done; prev: step 10 of 12
     _corrupt(os.path.join(out, "checkpoint.pth"), "overwrite_4k")
+    with open(os.path.join(out, "checkpoint.pth.tmp.99999"), "wb") as fh:        # as a SIGKILL mid-write leaves
+        fh.write(b"half a checkpoint")
     proc = run_cli(*TINY_CLI, "--workers", "0", "--output-dir", out, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checkpoint.pth.tmp.99999, left by an interrupted write" in proc.stdout
+    assert not [f for f in os.listdir(out) if ".tmp." in f]
     assert "checkpoint.pth is unusable (CRC mismatch" in proc.stdout
     assert f"resumed from {os.path.join(out, 'checkpoint_prev.pth')}: epoch 1, step 10" in proc.stdout
     assert os.path.exists(os.path.join(out, "checkpoint.pth.corrupt"))        # kept aside, not rotated over prev
