@@ -36,10 +36,12 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -189,44 +191,86 @@ def make_config(phase: str = "heated", **overrides) -> Config:
 
 
 def validate_config(cfg: Config) -> None:
-    """Check flag values once, before any work, with messages that say what to do."""
+    """Check every flag's value once, before any work, with messages that say what to do. Numbers must be finite and
+    inside their range: a NaN or inf, or a value that would crash only after an epoch, stops here."""
     def need(cond: bool, msg: str):
         if not cond:
             raise UserError(msg)
+
+    def number(name: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
+               what: str = "", optional: bool = False):
+        v, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        if v is None and optional:
+            return
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+            (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            what = what or ((f"> {lo}" if lo_open else f">= {lo}") if hi == math.inf else
+                            f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+            raise UserError(f"{flag} {v}: must be {what}")
+
     need(cfg.phase in PHASES, f"--phase {cfg.phase!r}: choose one of {', '.join(PHASES)}")
     need(cfg.model in MODEL_NAMES, f"--model {cfg.model!r}: choose one of {', '.join(MODEL_NAMES)}")
     need(cfg.policy_model in MODEL_NAMES, f"--policy-model {cfg.policy_model!r}: choose one of {', '.join(MODEL_NAMES)}")
     need(cfg.objective in ("paper", "reinforce"), f"--objective {cfg.objective!r}: choose paper or reinforce")
     need(cfg.noise in ("beta", "uniform", "gaussian"), f"--noise {cfg.noise!r}: choose beta, uniform or gaussian")
-    need(cfg.seed >= 0, f"--seed {cfg.seed}: must be >= 0")
-    need(cfg.epochs >= 1, f"--epochs {cfg.epochs}: must be at least 1")
-    need(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be at least 1")
-    need(cfg.lr > 0, f"--lr {cfg.lr}: must be positive")
-    need(cfg.grid >= 1, f"--grid {cfg.grid}: must be at least 1")
+    need(cfg.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None,
+         f"--device {cfg.device!r}: choose cpu, cuda or cuda:N")
+    need(cfg.resume is None or cfg.resume != "", "--resume '': give a checkpoint PATH or 'auto'")
+    need(cfg.output_dir is None or not os.path.isfile(cfg.output_dir),
+         f"--output-dir {cfg.output_dir} is a file: give a folder (it is created if missing)")
+    number("seed", 0, 2 ** 63 - 1)
+    number("epochs", 1)
+    number("batch_size", 1)
+    number("num_classes", 2, optional=True)
+    number("lr", 0, lo_open=True, what="a positive finite number")
+    number("policy_lr_ratio", 0)
+    number("momentum", 0, 1, hi_open=True)
+    number("weight_decay", 0)
+    number("lr_step_size", 1)
+    number("lr_gamma", 0, 1, lo_open=True)
+    number("lr_min", 0, cfg.lr * cfg.policy_lr_ratio,
+           what=f"in [0, the policy's lr = lr x policy-lr-ratio = {cfg.lr * cfg.policy_lr_ratio:g}]")
+    number("lr_warmup_epochs", 0)
+    number("lr_warmup_decay", 0, 1, lo_open=True)
+    number("label_smoothing", 0, 1, hi_open=True)
+    number("clip_grad_norm", 0, lo_open=True, optional=True)
+    for name in ("train_crop_size", "val_resize_size", "val_crop_size"):   # before --grid, which is compared to them
+        number(name, 1, what="at least 1 px")
+    number("grid", 1)
     need(cfg.grid <= min(cfg.train_crop_size, cfg.val_crop_size),
          f"--grid {cfg.grid} is larger than the crop ({min(cfg.train_crop_size, cfg.val_crop_size)} px): "
          f"use a grid at most --train-crop-size/--val-crop-size")
     need(cfg.kernel == 0 or (cfg.kernel > 0 and cfg.kernel % 2 == 1),
-         f"--kernel {cfg.kernel}: the blur kernel must be odd (e.g. {cfg.kernel + 1}), or 0 for no blur")
+         f"--kernel {cfg.kernel}: the blur kernel must be 0 (no blur) or a positive odd number"
+         + (f" (e.g. {cfg.kernel + 1})" if cfg.kernel > 0 else ""))
     need(cfg.kernel // 2 < min(cfg.train_crop_size, cfg.val_crop_size),
          f"--kernel {cfg.kernel} is too large for the crop: reflect padding needs kernel//2 < crop size")
-    need(cfg.sigma > 0, f"--sigma {cfg.sigma}: must be positive")
-    need(0.0 <= cfg.tau_image <= 1.0 and 0.0 <= cfg.tau_dataset <= 1.0, "--tau-image/--tau-dataset must be in [0, 1]")
+    number("sigma", 0, lo_open=True)
+    number("tau_image", 0, 1)
+    number("tau_dataset", 0, 1)
     need(cfg.lr_warmup_method in ("linear", "constant"), f"--lr-warmup-method {cfg.lr_warmup_method!r}: linear or constant")
     need(cfg.amp_dtype in ("float16", "bfloat16"), f"--amp-dtype {cfg.amp_dtype!r}: float16 or bfloat16")
     need(cfg.interpolation in ("bilinear", "bicubic", "nearest"), f"--interpolation {cfg.interpolation!r}: "
          "bilinear, bicubic or nearest")
     need(cfg.auto_augment in (None, "imagenet", "cifar10", "svhn", "ra", "ta_wide", "augmix"),
          f"--auto-augment {cfg.auto_augment!r}: imagenet, cifar10, svhn, ra, ta_wide or augmix")
-    need(cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup-alpha/--cutmix-alpha must be >= 0")
-    need(0.0 < cfg.crop_scale_min <= 1.0, f"--crop-scale-min {cfg.crop_scale_min}: must be in (0, 1]")
-    need(cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0")
-    need(cfg.policy_size is None or cfg.policy_size >= 16, f"--policy-size {cfg.policy_size}: at least 16 px")
-    need(cfg.save_every_steps >= 0, f"--save-every-steps {cfg.save_every_steps}: must be >= 0")
-    need(0 <= cfg.average_last <= cfg.epochs, f"--average-last {cfg.average_last}: must be between 0 (off) and "
-         f"--epochs ({cfg.epochs})")
-    need(cfg.max_bad_steps >= 1, f"--max-bad-steps {cfg.max_bad_steps}: must be at least 1")
-    need(0.0 < cfg.val_split < 0.5, f"--val-split {cfg.val_split}: must be in (0, 0.5)")
+    number("ra_magnitude", 0, 30)                 # RandAugment has 31 magnitude bins
+    number("augmix_severity", 1, 10)
+    number("mixup_alpha", 0)
+    number("cutmix_alpha", 0)
+    number("mean", -math.inf, what="a finite number")
+    number("std", 0, lo_open=True)
+    number("crop_scale_min", 0, 1, lo_open=True)
+    number("workers", 0)
+    number("policy_size", 16, what="at least 16 px", optional=True)
+    number("save_every_steps", 0)
+    number("average_last", 0, cfg.epochs, what=f"between 0 (off) and --epochs ({cfg.epochs})")
+    number("max_bad_steps", 1)
+    number("print_freq", 1)
+    number("val_split", 0, 0.5, lo_open=True, hi_open=True)
+    number("synthetic_per_class", 1)
+    number("synthetic_size", 32, what="at least 32 px (the synthetic scans' burned-in text needs it)")
 
 
 # =====================================================================================================================
@@ -596,10 +640,12 @@ IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 def to_8bit(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit L (greyscale) or RGB. 16/32-bit integer and float images are scaled by their own
     min..max range to 0..255 (never clipped: medical PNGs often use 12 of 16 bits); alpha is dropped; palettes are
-    expanded."""
+    expanded. In float images the range is taken over the finite pixels; NaN and -inf pixels become 0, +inf 255."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
         a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
         return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
     if img.mode in ("L", "RGB"):
@@ -672,6 +718,52 @@ class AugmentedDataset(torch.utils.data.Dataset):
         return img, self.targets[i]
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def scan_images(folder: str, root: str, seen_dirs: dict[str, str], linked_files: dict[str, str]) -> list[str]:
+    """The image files under folder, following symbolic links, but never out of root (the split folder), never into
+    a folder twice (a link loop, or two ways to one folder) and never to one file twice. Breaking one of these is a
+    UserError naming the link. seen_dirs (real path -> path) and linked_files (a file link's real target -> the link)
+    are shared by every class of a split, so a file reached from two classes is caught as well."""
+    real_root = os.path.realpath(root)
+    files, stack = [], [folder]
+    while stack:
+        d = stack.pop()
+        real = os.path.realpath(d)
+        if not _inside(real, real_root):
+            raise UserError(f"{d} is a symbolic link out of {root} (to {real}): splits must not share or borrow "
+                            f"images; copy them in or point --data-path at the real tree")
+        if real in seen_dirs:
+            raise UserError(f"{d} is the folder {seen_dirs[real]} again (a symbolic link loop, or two links to one "
+                            f"folder): remove the link")
+        seen_dirs[real] = d
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            raise UserError(f"cannot list {d} ({e.strerror or type(e).__name__})") from None
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append(e.path)
+            elif e.name.lower().endswith(IMG_EXTENSIONS):
+                if e.is_symlink() and os.path.exists(e.path):   # a broken link stays in: decoding reports it
+                    target = os.path.realpath(e.path)
+                    if not _inside(target, real_root):
+                        raise UserError(f"{e.path} is a symbolic link out of {root} (to {target}): splits must not "
+                                        f"share or borrow images; copy it in or point --data-path at the real tree")
+                    if target in linked_files:
+                        raise UserError(f"{e.path} and {linked_files[target]} are links to the same file {target}: "
+                                        f"remove one")
+                    linked_files[target] = e.path
+                files.append(e.path)
+    return files
+
+
 class ImageFolderDataset(AugmentedDataset):
     """root/<class>/**/<image>; classes sorted by name (torchvision's ImageFolder order)."""
 
@@ -687,14 +779,19 @@ class ImageFolderDataset(AugmentedDataset):
         if extra:
             raise UserError(f"{root} has class folder(s) {extra[:3]} that train/ does not have: splits must share classes")
         self.samples: list[tuple[str, int]] = []
+        seen_dirs: dict[str, str] = {}
+        linked_files: dict[str, str] = {}
         for k, name in enumerate(self.classes):
             folder = os.path.join(root, name)
-            files = sorted(os.path.join(dp, fn) for dp, _, fns in os.walk(folder, followlinks=True) for fn in fns
-                           if fn.lower().endswith(IMG_EXTENSIONS)) if os.path.isdir(folder) else []
+            files = sorted(scan_images(folder, root, seen_dirs, linked_files)) if os.path.isdir(folder) else []
             if not files and folder in (os.path.join(root, c) for c in found):
                 raise UserError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)}): "
                                 f"add images or remove the folder")
             self.samples += [(p, k) for p in files]
+        for real, path in linked_files.items():     # a link to a file that is also counted where it lies
+            if os.path.dirname(real) in seen_dirs and real.lower().endswith(IMG_EXTENSIONS):
+                twin = os.path.join(seen_dirs[os.path.dirname(real)], os.path.basename(real))
+                raise UserError(f"{path} is a symbolic link to {twin}, which is counted already: remove the link")
         self.targets = [t for _, t in self.samples]
 
     def describe(self, i):
@@ -721,6 +818,15 @@ class ArrayDataset(AugmentedDataset):
         return a.expand(3, *a.shape) if a.ndim == 2 else a.permute(2, 0, 1)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: SIGTERM and SIGINT are for the training process, which finishes its step, writes a
+    checkpoint and then shuts its workers down. scancel and a SLURM time limit signal the whole process group; a
+    worker killed by it would end the run ('DataLoader worker exited unexpectedly') before that checkpoint."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def collate_skip_none(batch):
     """default_collate without the samples that --skip-bad-images dropped."""
     batch = [b for b in batch if b is not None]
@@ -744,11 +850,42 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
     return [np.array(sorted(p), dtype=np.int64) for p in parts]
 
 
+def npz_labels(labels: np.ndarray, path: str, split: str) -> np.ndarray:
+    """A label array as int64 (N,) or (N, L), or a UserError naming the file and split: labels must be integers, or
+    floats holding whole numbers; NaN, fractions, strings, objects and 0-d arrays are refused, as are negatives."""
+    where = f"{path}: {split}_labels" if split else f"{path}: labels"
+    if labels.ndim == 0 or labels.ndim > 2:
+        raise UserError(f"{where} must be an array of shape (N,) or (N, L), got shape {labels.shape}")
+    if labels.dtype == np.bool_ or np.issubdtype(labels.dtype, np.integer):
+        out = labels.astype(np.int64)
+    elif np.issubdtype(labels.dtype, np.floating):
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            raise UserError(f"{where} must be whole numbers, found {labels[bad].flat[0]!r} "
+                            f"({int(bad.sum())} such values)")
+        out = labels.astype(np.int64)
+    else:
+        raise UserError(f"{where} must be integers, got dtype {labels.dtype}")
+    if out.size and out.min() < 0:
+        raise UserError(f"{where} must be >= 0, found {int(out.min())}")
+    return out
+
+
 def load_npz(path: str, val_split: float = 0.1, seed: int = 0) -> dict:
-    """MedMNIST .npz -> {'train'|'val'|'test': (images uint8, labels (N,) or (N, L))}. Either the official layout
-    ({split}_images, {split}_labels) or a merged one (images, labels), split here by a seeded stratified split."""
+    """MedMNIST .npz -> {'train'|'val'|'test': (images uint8, labels int64 (N,) or (N, L))}. Either the official layout
+    ({split}_images, {split}_labels) or a merged one (images, labels), split here by a seeded stratified split.
+    Every split must be non-empty; labels are checked by npz_labels."""
+    if os.path.isdir(path):
+        raise UserError(f"--data-path {path} is a folder without train/ and val/: give an ImageFolder root or a .npz")
     if not os.path.isfile(path):
         raise UserError(f"--data-path {path} does not exist")
+
+    def get(key):
+        try:
+            return np.asarray(npz[key])
+        except Exception as e:  # noqa: BLE001 - object arrays (pickles are refused), a damaged member, ...
+            raise UserError(f"cannot read {key} from {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+                            f"store numeric arrays (np.savez without dtype=object)") from None
     try:
         npz = np.load(path, allow_pickle=False)
         keys = set(npz.files)
@@ -760,14 +897,21 @@ def load_npz(path: str, val_split: float = 0.1, seed: int = 0) -> dict:
             if f"{split}_images" in keys:
                 if f"{split}_labels" not in keys:
                     raise UserError(f"{path} has {split}_images but no {split}_labels")
-                out[split] = (npz[f"{split}_images"], npz[f"{split}_labels"])
+                out[split] = (get(f"{split}_images"), npz_labels(get(f"{split}_labels"), path, split))
         if "val" not in out:
             raise UserError(f"{path} has no val_images/val_labels: MedMNIST files carry train_*, val_*, test_*")
     elif {"images", "labels"} <= keys:
-        images, labels = npz["images"], npz["labels"]
+        images, labels = get("images"), npz_labels(get("labels"), path, "")
+        if labels.ndim == 0 or images.ndim == 0 or len(labels) != len(images):
+            raise UserError(f"{path} has {len(images) if images.ndim else 0} images but "
+                            f"{len(labels) if labels.ndim else 0} labels")
         flat = labels.reshape(len(labels), -1)
         strat = flat[:, 0] if flat.shape[1] == 1 else np.zeros(len(labels), dtype=np.int64)
         tr, va, te = stratified_split(strat, (1 - 2 * val_split, val_split, val_split), seed)
+        if len(va) == 0 or len(te) == 0:
+            raise UserError(f"{path}: {len(labels)} images split at --val-split {val_split} leave the val/test split "
+                            f"empty (round(images per class x {val_split}) is 0 for every class): raise --val-split "
+                            f"or use more images")
         out = {"train": (images[tr], labels[tr]), "val": (images[va], labels[va]), "test": (images[te], labels[te])}
     else:
         raise UserError(f"{path} has keys {sorted(keys)}; expected train_images/train_labels/val_images/val_labels"
@@ -777,6 +921,8 @@ def load_npz(path: str, val_split: float = 0.1, seed: int = 0) -> dict:
             raise UserError(f"{path}: {split} images must be uint8 N*H*W or N*H*W*3, got {images.dtype} {images.shape}")
         if len(labels) != len(images):
             raise UserError(f"{path}: {split} has {len(images)} images but {len(labels)} labels")
+        if len(images) == 0:
+            raise UserError(f"{path}: the {split} split has no images")
     return out
 
 
@@ -993,26 +1139,41 @@ def build_datasets(cfg: Config) -> dict:
         if labels_train.ndim == 2 and labels_train.shape[1] > 1:
             raise UserError(f"{path} is multi-label ({labels_train.shape[1]} labels per image, e.g. ChestMNIST): "
                             f"pgnm.py trains single-label classifiers; use evaluate.py for multi-label probes")
-        n_classes = int(max(int(s[1].max()) for s in splits.values() if len(s[1])) + 1)
+        n_classes = int(max(int(s[1].max()) for s in splits.values()) + 1)
         classes = [str(k) for k in range(n_classes)]
         out = {"classes": classes, "test": None}
         for split, (images, labels) in splits.items():
-            labels = labels.reshape(len(labels))
-            if labels.size and labels.min() < 0:
-                raise UserError(f"{path}: {split} labels must be >= 0, found {labels.min()}")
-            out[split] = ArrayDataset(images, labels, classes, t_train if split == "train" else t_eval, cfg.seed,
+            out[split] = ArrayDataset(images, labels.reshape(len(labels)), classes,
+                                      t_train if split == "train" else t_eval, cfg.seed,
                                       name=f"{os.path.basename(path)}:{split}")
-        return out
+        return _check_splits(out, path)
     if not os.path.isdir(os.path.join(path, "train")) or not os.path.isdir(os.path.join(path, "val")):
         raise UserError(f"--data-path {path} must contain train/ and val/ class folders (see refine_radimagenet.py)")
+    reals = {s: os.path.realpath(os.path.join(path, s)) for s in ("train", "val", "test")
+             if os.path.isdir(os.path.join(path, s))}
+    for s1 in reals:
+        for s2 in reals:
+            if s1 != s2 and _inside(reals[s1], reals[s2]):
+                raise UserError(f"{os.path.join(path, s1)} lies inside {os.path.join(path, s2)} (through a symbolic "
+                                f"link): splits must not share images")
     train = ImageFolderDataset(os.path.join(path, "train"), t_train, cfg.seed, cfg.skip_bad_images)
-    if not train.samples:
-        raise UserError(f"{os.path.join(path, 'train')} has no images")
     out = {"train": train, "classes": train.classes, "test": None}
     for split in ("val", "test"):
         folder = os.path.join(path, split)
         if os.path.isdir(folder):
             out[split] = ImageFolderDataset(folder, t_eval, cfg.seed, cfg.skip_bad_images, classes=train.classes)
+    return _check_splits(out, path)
+
+
+def _check_splits(out: dict, path: str) -> dict:
+    """Refuse what would train or evaluate nothing: an empty split, or a training set with a single class."""
+    for split in ("train", "val", "test"):
+        if out.get(split) is not None and len(out[split]) == 0:
+            raise UserError(f"{path}: the {split} split has no images")
+    present = sorted(set(out["train"].targets))
+    if len(present) < 2:
+        raise UserError(f"{path}: the train split has images of one class only ({out['classes'][present[0]]!r}): "
+                        f"a classifier needs at least two")
     return out
 
 
@@ -1198,22 +1359,117 @@ def safe_load(path: str, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
-    """Write to a temp file, fsync, then os.replace: a reader never sees a half-written file. With keep_previous,
-    the old file is first moved there, so a good checkpoint exists at every instant."""
+TEMP_FILE = re.compile(r"^(checkpoint\.pth|checkpoint_prev\.pth|model_[a-z]+\.pth|log\.jsonl)\.tmp\.\d+$")
+
+
+def _create_new(path: str) -> int:
+    """Open a file that did not exist, for writing, never through a symbolic link; a leftover one is removed first."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        return os.open(path, flags, 0o644)
+    except FileExistsError:
+        os.unlink(path)                      # unlink removes a planted link itself, never its target
+        return os.open(path, flags, 0o644)
+
+
+def write_atomic(path: str, data: bytes, keep_previous: str | None = None) -> None:
+    """Write to a fresh temp file, fsync, then os.replace: a reader never sees a half-written file, and a symbolic link
+    at `path` is replaced, its target untouched. With keep_previous, the old file is first moved there, so a complete
+    file exists at every instant. A failed write (disk full, quota, ...) removes the temp file, leaves the existing
+    files as they were and raises UserError."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if keep_previous and os.path.exists(path):
+    try:
+        fd = _create_new(tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        kept = f"; {os.path.basename(path)} is as it was" if os.path.exists(path) else ""
+        raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__}){kept}: free space or fix the "
+                        f"folder, then resume with --resume auto") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if keep_previous and os.path.lexists(path):
         os.replace(path, keep_previous)
     os.replace(tmp, path)
+    with contextlib.suppress(OSError, AttributeError):   # make the renames durable (POSIX; not on Windows)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
+    """torch.save through write_atomic (serialised in memory first, so a failed write is a plain OSError)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getbuffer(), keep_previous)
+
+
+def nonfinite_tensors(obj, prefix: str = "") -> list[str]:
+    """The names of the floating-point tensors (and floats) in a nested dict/list that hold a NaN or an inf."""
+    found: list[str] = []
+    tensors: list[tuple[str, torch.Tensor]] = []
+
+    def walk(o, name):
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point() or o.is_complex():
+                tensors.append((name, o))
+        elif isinstance(o, float):
+            if not math.isfinite(o):
+                found.append(name)
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}[{i}]")
+    walk(obj, prefix)
+    if tensors:
+        ok = torch.stack([t.detach().isfinite().all().cpu() for _, t in tensors])     # one sync per device
+        found += [name for (name, _), good in zip(tensors, ok.tolist()) if not good]
+    return found
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that exists but must not be used: truncated, a CRC mismatch, unpicklable, non-finite."""
+
+
+def verify_and_load(path: str) -> dict:
+    """Load a checkpoint after checking its integrity: every zip record's CRC-32 (torch.save writes a zip; torch.load
+    itself does not check them, so flipped bits would load as garbage) and, for our keys, finite values."""
+    import zipfile
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                raise CorruptCheckpoint(f"CRC mismatch in {bad}")
+        obj = safe_load(path)
+    except CorruptCheckpoint:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, a refused global, ...
+        raise CorruptCheckpoint(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+                                ) from None
+    if isinstance(obj, dict):
+        bad = nonfinite_tensors({k: obj.get(k) for k in ("model", "policy_net", "base_alpha", "base_beta",
+                                                         "optimizer", "pol_optimizer") if k in obj})
+        if bad:
+            raise CorruptCheckpoint(f"non-finite values in {', '.join(bad[:3])}")
+    return obj
 
 
 def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
     """A classifier state_dict from any of: our checkpoint.pth / model_<phase>.pth, the authors' checkpoints ('model'
     key, 'module.'/'_orig_mod.' prefixes), timm or torchvision weight files. Never runs code from the file."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: give a weights file in it (model_<phase>.pth, checkpoint.pth)")
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path} does not exist")
     try:
@@ -1340,16 +1596,73 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_checkpoint_with_fallback(output_dir: str, log=print) -> tuple[dict | None, str | None]:
-    """The newest readable checkpoint in output_dir: checkpoint.pth, else (reported in one line) the previous one."""
+    """The newest sound checkpoint in output_dir: checkpoint.pth, else (reported in one line) checkpoint_prev.pth.
+    (None, None) only when neither file exists; when they exist but neither is sound, a UserError: a run must not
+    silently start again from scratch (and overwrite them)."""
+    problems = []
     for name in (CHECKPOINT, CHECKPOINT_PREV):
         path = os.path.join(output_dir, name)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             continue
         try:
-            return safe_load(path), path
-        except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
-            log(f"warning: {path} is unreadable ({type(e).__name__}); trying the previous checkpoint")
+            ckpt = verify_and_load(path)
+        except CorruptCheckpoint as e:
+            problems.append(f"{name}: {e}")
+            if name == CHECKPOINT:
+                log(f"warning: {path} is unusable ({e}); trying the previous checkpoint")
+            continue
+        return ckpt, path
+    if problems:
+        raise UserError(f"--resume auto: no usable checkpoint in {output_dir} ({'; '.join(problems)}); nothing was "
+                        f"overwritten: restore a good copy, or move them away to start from scratch")
     return None, None
+
+
+def clean_temp_files(output_dir: str, log=print) -> None:
+    """Remove the temp files a killed run left behind (only names of our own temp pattern; links are unlinked, never
+    followed)."""
+    if not os.path.isdir(output_dir):
+        return
+    for e in os.scandir(output_dir):
+        if TEMP_FILE.match(e.name) and (e.is_symlink() or e.is_file(follow_symlinks=False)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
+            log(f"removed {e.path}, left by an interrupted write")
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str, log=print):
+    """Hold an exclusive lock on <output_dir>/.lock for the run, so that a second run in the same folder is refused
+    instead of interleaving log.jsonl and overwriting checkpoints. The lock is the OS's (flock): it goes when the
+    process dies, however it dies, so a killed run leaves nothing stuck. Where the file system has no locks (some
+    Lustre mounts) or the OS has no flock (Windows), the run goes on with a note."""
+    try:
+        import fcntl
+    except ImportError:
+        log("note: no file locking on this OS: nothing stops a second run in the same --output-dir")
+        yield
+        return
+    path = os.path.join(output_dir, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create the lock file {path} ({e.strerror}): is it a symbolic link, or is the folder "
+                        f"read-only?") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"--output-dir {output_dir} is in use by another run (pid {holder}): wait for it to end, "
+                            f"or choose another --output-dir") from None
+        except OSError as e:
+            log(f"note: cannot lock {path} ({e.strerror}): nothing stops a second run in the same --output-dir")
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else '?'}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 # =====================================================================================================================
@@ -1528,7 +1841,9 @@ def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
     """One optimisation step of both networks: Algorithm 1's loop body. Returns (forward, taken, stop).
 
     A step whose loss or gradients are not finite on any rank is skipped on every rank: weights, optimiser states,
-    BatchNorm statistics and alpha_d/beta_d stay as they were, and the step is counted. The same all-reduce carries
+    BatchNorm statistics and alpha_d/beta_d stay as they were, and the step is counted. Under fp16 a finite loss with
+    overflowing gradients is GradScaler's ordinary skip (its scale is lowered, counted in amp_skipped); a non-finite
+    loss leaves the scale as it was too. The same all-reduce carries
     `stop_pending` (a pre-emption signal on this rank), so all ranks agree to stop after the same step."""
     buffers = snapshot_buffers(run.networks())
     fwd = compute_loss(run, state, x, y)
@@ -1555,13 +1870,21 @@ def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
         else:
             state.bad_in_a_row += 1
             state.bad_total += 1
-    if run.scaler is not None:
-        run.scaler.update()
+    if run.scaler is not None:        # a non-finite loss is no fp16 gradient overflow: the scale stays as it was
+        if loss_bad:
+            run.scaler.update(new_scale=run.scaler.get_scale())
+        else:
+            run.scaler.update()
     return fwd, taken, stop
 
 
 class TrainingStopped(Exception):
-    """Too many non-finite steps in a row, or a requested stop (SIGTERM/SIGUSR1): the CLI exits with code 3."""
+    """A requested stop (SIGTERM/SIGUSR1) after a checkpoint: the CLI exits with code 3, meaning 'resume me'."""
+
+
+class Diverged(TrainingStopped):
+    """Training cannot go on: too many non-finite steps in a row, an epoch of skipped steps only, or a state that is no
+    longer finite. The last good checkpoint is kept; the CLI exits with code 4 (requeueing would fail again)."""
 
 
 class Preemption:
@@ -1662,9 +1985,9 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
         if on_step is not None:
             on_step(step + 1, loss_sum, n_ok, stop)
         if state.bad_in_a_row >= cfg.max_bad_steps:
-            raise TrainingStopped(f"{state.bad_in_a_row} non-finite steps in a row (epoch {epoch + 1}, step "
-                                  f"{step + 1}); lower --lr, add --clip-grad-norm, or drop --amp; the last good "
-                                  f"checkpoint is kept")
+            raise Diverged(f"{state.bad_in_a_row} non-finite steps in a row (epoch {epoch + 1}, step "
+                           f"{step + 1}); lower --lr, add --clip-grad-norm, or drop --amp, and resume with "
+                           f"--resume auto: the last good checkpoint is kept")
         if stop:
             raise TrainingStopped("stop requested by signal")
         t_last = time.perf_counter()
@@ -1786,8 +2109,29 @@ def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per
     }
 
 
+RESUME_KEYS = ("model", "optimizer", "main_lr_scheduler", "epoch", "step", "args")
+
+
+def check_resumable(ckpt, source: str) -> None:
+    """A UserError unless ckpt is a pgnm.py checkpoint.pth. The authors' (torchvision-reference) checkpoints carry an
+    argparse.Namespace under 'args', one optimiser for both networks and no step or RNG state: they cannot continue
+    exactly, so they are refused with the way to start from their weights instead."""
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{source} is not a checkpoint (it holds a {type(ckpt).__name__}): to start from its weights "
+                        f"use --finetune {source}")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        raise UserError(f"{source} is a checkpoint of the authors' code, not of pgnm.py: it cannot be resumed (one "
+                        f"optimiser for both networks, no step or RNG state); to start from its classifier weights "
+                        f"use --finetune {source}")
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{source} is not a resumable pgnm.py checkpoint (no {', '.join(missing)}; "
+                        f"model_<phase>.pth holds weights only): to start from its weights use --finetune {source}")
+
+
 def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> None:
     """Put every saved state back: both networks, alpha_d/beta_d, optimisers, schedulers, scaler, RNGs."""
+    check_resumable(ckpt, source)
     saved, cfg = ckpt.get("args") or {}, run.cfg
     for key in ("phase", "model", "policy_model", "grid", "noise"):
         if key in saved and saved[key] != getattr(cfg, key):
@@ -1801,13 +2145,18 @@ def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> N
         raise UserError(f"{source} does not match this run's networks ({str(e).splitlines()[0][:160]}); "
                         f"use the same --model/--grid or another --output-dir") from None
     dev = run.info.device
-    if state.alpha_d is not None:
-        state.alpha_d, state.beta_d = ckpt["base_alpha"].to(dev), ckpt["base_beta"].to(dev)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["main_lr_scheduler"])
-    if run.pol_optimizer is not None:
-        run.pol_optimizer.load_state_dict(ckpt["pol_optimizer"])
-        run.pol_scheduler.load_state_dict(ckpt["pol_lr_scheduler"])
+    try:
+        if state.alpha_d is not None:
+            state.alpha_d, state.beta_d = ckpt["base_alpha"].to(dev), ckpt["base_beta"].to(dev)
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["main_lr_scheduler"])
+        if run.pol_optimizer is not None:
+            run.pol_optimizer.load_state_dict(ckpt["pol_optimizer"])
+            run.pol_scheduler.load_state_dict(ckpt["pol_lr_scheduler"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{source} lacks or has a damaged optimiser, scheduler or alpha_d/beta_d state "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): resume from "
+                        f"another checkpoint, or start from its weights with --finetune {source}") from None
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
     counters = ckpt.get("counters") or {}
@@ -1823,14 +2172,67 @@ def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> N
         torch.manual_seed(rank_seed(cfg.seed, run.info.rank) + 1)
 
 
+SCHEDULE_FIELDS = ("epochs", "lr", "policy_lr_ratio", "momentum", "weight_decay", "lr_step_size", "lr_gamma", "lr_min",
+                   "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay")
+
+
+def apply_new_schedule(run: Run, saved_args: dict, epochs_done: int, source: str, log) -> None:
+    """The rule for resuming with other optimisation flags: this run's config wins. When --lr, --epochs, the policy's
+    lr ratio, momentum, weight decay or the lr schedule differ from the checkpoint's, the optimisers take the new
+    values and both schedules are rebuilt and stepped through the epochs already done, exactly as if the new values
+    had been used from the start (so a longer --epochs stretches the policy's cosine to end at --lr-min); the
+    momentum buffers are kept. One line says what changed. Same flags: nothing is touched."""
+    cfg = run.cfg
+    changed = [k for k in SCHEDULE_FIELDS if k in saved_args and saved_args[k] != getattr(cfg, k)]
+    if not changed:
+        return
+    for opt, lr in ((run.optimizer, cfg.lr), (run.pol_optimizer, cfg.lr * cfg.policy_lr_ratio)):
+        for group in (opt.param_groups if opt is not None else []):
+            group.update(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            group.pop("initial_lr", None)
+    run.scheduler, run.pol_scheduler = build_schedulers(cfg, run.optimizer, run.pol_optimizer)
+    with warnings.catch_warnings():          # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore")
+        for _ in range(epochs_done):
+            for s in (run.scheduler, run.pol_scheduler):
+                if s is not None:
+                    s.step()
+    now = f"classifier lr {run.optimizer.param_groups[0]['lr']:.6g}"
+    if run.pol_optimizer is not None:
+        now += f", policy lr {run.pol_optimizer.param_groups[0]['lr']:.6g}"
+    log(f"note: {source} was written with " + " ".join(f"--{k.replace('_', '-')} {saved_args[k]}" for k in changed)
+        + "; this run has " + " ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
+        + f": the new values are used and the lr schedules rebuilt as if they had applied from the start ({now} "
+        f"for epoch {epochs_done + 1} of {cfg.epochs})")
+
+
+def json_safe(obj):
+    """NaN and inf as null, so that every log line is valid JSON (json.dumps would write bare NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """Append one JSON line (NaN as null); a symbolic link at path is refused, never written through."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot append to {path} ({e.strerror}; a symbolic link is not written through): "
+                        f"remove it or choose another --output-dir") from None
+    with os.fdopen(fd, "a") as fh:
+        fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 def _trim_log(path: str, start_epoch: int) -> None:
-    """On resume, drop log lines of epochs that will be trained again (and any final line)."""
-    if not os.path.exists(path):
+    """On resume, drop log lines of epochs that will be trained again (and any final line); the file is rewritten
+    by write_atomic, so a symbolic link there is replaced, not written through."""
+    if not os.path.isfile(path):
         return
     with open(path) as fh:
         lines = [ln for ln in fh if ln.strip()]
@@ -1843,8 +2245,8 @@ def _trim_log(path: str, start_epoch: int) -> None:
         if rec.get("final") or rec.get("epoch", 0) > start_epoch:
             continue
         keep.append(ln)
-    with open(path, "w") as fh:
-        fh.writelines(keep)
+    if keep != lines:
+        write_atomic(path, "".join(keep).encode())
 
 
 def default_finetune_path(output_dir: str) -> str:
@@ -1916,6 +2318,7 @@ def build_data(cfg: Config, info: DistInfo) -> Data:
     sampler = TrainSampler(len(train), cfg.batch_size, info.rank, info.world, cfg.seed)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
                      collate_fn=collate_skip_none if cfg.skip_bad_images else None,
+                     worker_init_fn=ignore_stop_signals,
                      generator=torch.Generator())  # own generator: building an iterator must not draw from torch's
     train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                                persistent_workers=cfg.workers > 0, **loader_kw)
@@ -1935,14 +2338,21 @@ def find_checkpoint(cfg: Config, log) -> tuple[dict | None, str | None]:
         ckpt, path = load_checkpoint_with_fallback(cfg.output_dir, log)
         if ckpt is None:
             log(f"resume auto: no checkpoint in {cfg.output_dir}; starting from scratch")
+        else:
+            check_resumable(ckpt, path)
         return ckpt, path
+    if os.path.isdir(cfg.resume):
+        raise UserError(f"--resume {cfg.resume} is a folder: give its checkpoint.pth, or use --resume auto with "
+                        f"--output-dir {cfg.resume}")
     if not os.path.isfile(cfg.resume):
         raise UserError(f"--resume {cfg.resume} does not exist (use --resume auto to continue the output dir)")
     try:
-        return safe_load(cfg.resume), cfg.resume
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--resume {cfg.resume} is unreadable ({type(e).__name__}); "
+        ckpt = verify_and_load(cfg.resume)
+    except CorruptCheckpoint as e:
+        raise UserError(f"--resume {cfg.resume} is unusable ({e}); "
                         f"try {os.path.join(os.path.dirname(cfg.resume), CHECKPOINT_PREV)}") from None
+    check_resumable(ckpt, cfg.resume)
+    return ckpt, cfg.resume
 
 
 def build_run(cfg: Config, info: DistInfo, num_classes: int, resuming: bool, log) -> tuple[Run, StepState]:
@@ -1960,6 +2370,9 @@ def build_run(cfg: Config, info: DistInfo, num_classes: int, resuming: bool, log
                             f"(with the same --data-path), or pass --finetune PATH")
     if init_from and not resuming:
         load_into_classifier(model, load_classifier_weights(init_from), init_from, cfg.model, log)
+        bad = nonfinite_tensors(model.state_dict())
+        if bad:
+            raise UserError(f"{init_from} holds NaN/inf weights ({', '.join(bad[:3])}): a run cannot start from it")
         log(f"initialised the classifier from {init_from}")
     if cfg.sync_bn and info.distributed and dev.type != "cuda":
         log("note: --sync-bn needs GPUs (SyncBatchNorm has no CPU kernel); BatchNorm stays per process")
@@ -1995,9 +2408,15 @@ def restore_run(run: Run, state: StepState, ckpt: dict, ckpt_path: str, steps_pe
                         f"this run has {steps_per_epoch}: resume with the same number of processes and --batch-size")
     else:
         start.meter = ckpt.get("meter") or start.meter
+    apply_new_schedule(run, ckpt.get("args") or {}, start.epoch, ckpt_path, log)
     log(f"resumed from {ckpt_path}: epoch {start.epoch + 1}, step {start.step}")
     if run.info.is_main:
-        _trim_log(os.path.join(run.cfg.output_dir, "log.jsonl"), start.epoch)
+        out = run.cfg.output_dir
+        bad = os.path.join(out, CHECKPOINT)
+        if os.path.abspath(ckpt_path) == os.path.abspath(os.path.join(out, CHECKPOINT_PREV)) and os.path.lexists(bad):
+            os.replace(bad, bad + ".corrupt")   # kept for inspection; the next save must not rotate it over prev
+            log(f"moved the unusable {bad} to {bad}.corrupt")
+        _trim_log(os.path.join(out, "log.jsonl"), start.epoch)
     return start
 
 
@@ -2025,11 +2444,25 @@ def log_header(cfg: Config, info: DistInfo, data: Data, log) -> None:
 
 
 def save_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> None:
-    """Every rank builds the payload (the RNG states are gathered); rank 0 writes it, keeping the previous one."""
+    """Every rank builds the payload (the RNG states are gathered); rank 0 writes it, keeping the previous one. A
+    payload with a NaN or inf anywhere is never written (Diverged: the previous checkpoints stay the last good ones);
+    a failed write (disk full) stops every rank with rank 0's message."""
     payload = make_checkpoint(run, state, epoch, step, steps_per_epoch, meter)
+    out = run.cfg.output_dir
+    bad = nonfinite_tensors(payload)
+    if any_rank([bool(bad)], run.info.device)[0]:       # BatchNorm statistics differ between ranks mid-epoch
+        bad = bad or ["another rank's state"]
+        raise Diverged(f"the training state holds NaN/inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) at "
+                       f"epoch {epoch + 1}, step {step}: not written, {os.path.join(out, CHECKPOINT)} stays the last "
+                       f"good checkpoint; lower --lr or add --clip-grad-norm, and resume with --resume auto")
+    error = None
     if run.info.is_main:
-        out = run.cfg.output_dir
-        atomic_save(payload, os.path.join(out, CHECKPOINT), os.path.join(out, CHECKPOINT_PREV))
+        try:
+            atomic_save(payload, os.path.join(out, CHECKPOINT), os.path.join(out, CHECKPOINT_PREV))
+        except UserError as e:
+            error = e
+    if any_rank([error is not None], run.info.device)[0]:
+        raise error or UserError(f"rank 0 could not write the checkpoint in {out} (see its message)")
 
 
 def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict, meter: dict,
@@ -2053,13 +2486,18 @@ def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict
     return rec
 
 
-def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -> dict:
+def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
+                 preemption: Preemption | None = None) -> dict:
     """The epoch loop: train (checkpointing every --save-every-steps and on a stop signal), average BatchNorm
-    statistics over ranks, step the schedulers, evaluate, log, checkpoint. Returns the last epoch's record."""
+    statistics over ranks, step the schedulers, evaluate, log, checkpoint. Returns the last epoch's record.
+    A stop signal that arrives outside a step (setup, evaluation) stops at the next epoch boundary or step; an epoch
+    in which every step was skipped raises Diverged."""
     cfg, out_dir, spe = run.cfg, run.cfg.output_dir, data.steps_per_epoch
     log_path = os.path.join(out_dir, "log.jsonl")
     last: dict = {}
-    with Preemption() as preemption:
+    with (contextlib.nullcontext(preemption) if preemption is not None else Preemption()) as preemption:
+        if start.epoch < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:
+            raise TrainingStopped("stop requested by signal before training began (nothing new to checkpoint)")
         for epoch in range(start.epoch, cfg.epochs):
             step0 = start.step if epoch == start.epoch else 0
             meter = dict(start.meter) if epoch == start.epoch else {"loss_sum": 0.0, "n_ok": 0}
@@ -2074,6 +2512,10 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -
                     save_checkpoint(run, state, epoch, step, spe, acc)
 
             stats = train_one_epoch(run, state, data.train_loader, epoch, step0, log, on_step, preemption)
+            if meter["n_ok"] + stats["n_ok"] == 0:
+                raise Diverged(f"every step of epoch {epoch + 1} was skipped (non-finite loss or gradients, or no "
+                               f"readable batch): nothing was learned; lower --lr, add --clip-grad-norm, or drop --amp "
+                               f"(the last good checkpoint is kept)")
             for net in run.networks():
                 average_buffers(net)
             run.scheduler.step()
@@ -2096,6 +2538,8 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -
                     save_mask_figure(os.path.join(out_dir, f"masks_epoch{epoch + 1:03d}.png"), *stats["last_batch"],
                                      cfg.mean, cfg.std)
             last = rec
+            if epoch + 1 < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:
+                raise TrainingStopped(f"stop requested by signal (after epoch {epoch + 1}, checkpoint written)")
     return last
 
 
@@ -2137,23 +2581,51 @@ def main(cfg: Config) -> dict:
             cleanup_distributed()
 
 
+@contextlib.contextmanager
+def claim_output_dir(cfg: Config, info: DistInfo, log):
+    """Rank 0 creates the output folder and holds its lock for the run (a second run there is refused), refuses a
+    symbolic link at log.jsonl (never written through) and removes the temp files a killed run left. Every rank
+    stops if rank 0 could not."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.is_main:
+            try:
+                try:
+                    os.makedirs(cfg.output_dir, exist_ok=True)
+                except OSError as e:
+                    raise UserError(f"cannot create --output-dir {cfg.output_dir} ({e.strerror})") from None
+                stack.enter_context(output_dir_lock(cfg.output_dir, log))
+                log_path = os.path.join(cfg.output_dir, "log.jsonl")
+                if os.path.islink(log_path):
+                    raise UserError(f"{log_path} is a symbolic link: pgnm.py does not write through links it did not "
+                                    f"create; remove it or choose another --output-dir")
+                clean_temp_files(cfg.output_dir, log)
+            except UserError as e:
+                error = e
+        if any_rank([error is not None], info.device)[0]:
+            raise error or UserError(f"rank 0 could not use --output-dir {cfg.output_dir} (see its message)")
+        yield
+
+
 def run_phase(cfg: Config, info: DistInfo) -> dict:
-    """One phase: data -> networks and optimisers -> restore -> train and evaluate every epoch -> test and save."""
+    """One phase: data -> claim the output folder -> networks and optimisers -> restore -> train and evaluate every
+    epoch -> test and save. A stop signal is caught from the start (see train_epochs)."""
     log = (lambda *a, **k: print(*a, **k, flush=True)) if info.is_main else (lambda *a, **k: None)
     cfg = dataclasses.replace(cfg, output_dir=cfg.output_dir or os.path.join("runs", cfg.phase))
-    configure_runtime(cfg, info, log)
-    data = build_data(cfg, info)
-    ckpt, ckpt_path = find_checkpoint(cfg, log)
-    run, state = build_run(cfg, info, data.num_classes, ckpt is not None, log)
-    start = restore_run(run, state, ckpt, ckpt_path, data.steps_per_epoch, log) if ckpt is not None else Progress()
-    wrap_for_training(run)
-    if info.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    log_header(cfg, info, data, log)
-    last = train_epochs(run, state, data, start, log)
-    if not last and ckpt is not None:
-        log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
-    return finish(run, state, data, last, log)
+    with Preemption() as preemption:
+        configure_runtime(cfg, info, log)
+        data = build_data(cfg, info)
+        with claim_output_dir(cfg, info, log):
+            ckpt, ckpt_path = find_checkpoint(cfg, log)
+            run, state = build_run(cfg, info, data.num_classes, ckpt is not None, log)
+            start = (restore_run(run, state, ckpt, ckpt_path, data.steps_per_epoch, log) if ckpt is not None
+                     else Progress())
+            wrap_for_training(run)
+            log_header(cfg, info, data, log)
+            last = train_epochs(run, state, data, start, log, preemption)
+            if not last and ckpt is not None:
+                log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
+            return finish(run, state, data, last, log)
 
 
 # =====================================================================================================================
@@ -2341,8 +2813,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_usage_error(message: str):
+    """argparse's error(), in one line (its default prints the whole usage first) and with exit code 2."""
+    print(f"error: {message} (see python pgnm.py --help)", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    """Exit codes: 0 done; 2 bad input or environment (one line on stderr, no traceback); 3 stopped by a signal after
+    a checkpoint (requeue and --resume auto); 4 training diverged (the last good checkpoint is kept; change a flag
+    before resuming); 130 Ctrl-C."""
+    parser = build_parser()
+    parser.error = _one_line_usage_error
+    args = vars(parser.parse_args(argv))
     do_bench, bench_path, rounds = args.pop("bench", False), args.pop("bench_data", None), args.pop("bench_rounds", 20)
     phase = args.pop("phase", "heated")
     average, average_output = args.pop("average", None), args.pop("average_output", None)
@@ -2365,7 +2848,11 @@ def cli(argv: Sequence[str] | None = None) -> int:
         line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         line = line.split("UserError: ", 1)[-1]
         print(f"error: {line}" if isinstance(e, UserError) else f"stopped: {line}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, UserError) else 3
+        return 2 if isinstance(e, UserError) else 4 if isinstance(e, Diverged) else 3
+    except OSError as e:           # the environment, not the code: a read-only folder, a vanished file, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume auto", file=sys.stderr)
         return 130

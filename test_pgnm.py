@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -697,6 +698,228 @@ def test_cli_bad_inputs_are_one_line(tmp_path, capsys, args, needles):
         assert n in err, err
 
 
+# Every numeric flag out of its range, NaN/inf, unknown choices and unparsable values: exit 2, one stderr line that
+# names the flag, nothing created, before any data is read (the output folder must not even appear).
+BAD_FLAGS = [
+    (["--val-resize-size", "0"], "--val-resize-size 0"), (["--val-crop-size", "-1"], "--val-crop-size -1"),
+    (["--train-crop-size", "0"], "--train-crop-size 0"), (["--lr-step-size", "0"], "--lr-step-size 0"),
+    (["--print-freq", "0"], "--print-freq 0"), (["--label-smoothing", "2"], "--label-smoothing 2"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing -0.1"), (["--momentum", "-0.5"], "--momentum -0.5"),
+    (["--momentum", "1"], "--momentum 1"), (["--wd", "-1"], "--weight-decay -1"),
+    (["--policy-lr-ratio", "-1"], "--policy-lr-ratio -1"), (["--lr-warmup-decay", "0"], "--lr-warmup-decay 0"),
+    (["--lr-warmup-epochs", "-1"], "--lr-warmup-epochs -1"), (["--std", "0"], "--std 0"),
+    (["--mean", "nan"], "--mean nan"), (["--device", "tpu"], "--device 'tpu'"),
+    (["--device", "cuda:x"], "--device 'cuda:x'"), (["--clip-grad-norm", "-1"], "--clip-grad-norm -1"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm 0"), (["--lr", "inf"], "--lr inf"), (["--lr", "nan"], "--lr nan"),
+    (["--lr", "-0.1"], "--lr -0.1"), (["--lr-gamma", "-0.1"], "--lr-gamma -0.1"), (["--lr-gamma", "0"], "--lr-gamma 0"),
+    (["--lr-min", "-1"], "--lr-min -1"), (["--lr-min", "5"], "--lr-min 5"), (["--epochs", "0"], "--epochs 0"),
+    (["--seed", "-1"], "--seed -1"), (["--workers", "-1"], "--workers -1"), (["--sigma", "inf"], "--sigma inf"),
+    (["--sigma", "0"], "--sigma 0"), (["--tau-image", "1.5"], "--tau-image 1.5"),
+    (["--tau-dataset", "nan"], "--tau-dataset nan"), (["--crop-scale-min", "0"], "--crop-scale-min 0"),
+    (["--val-split", "0.5"], "--val-split 0.5"), (["--max-bad-steps", "0"], "--max-bad-steps 0"),
+    (["--save-every-steps", "-1"], "--save-every-steps -1"), (["--mixup-alpha", "-1"], "--mixup-alpha -1"),
+    (["--cutmix-alpha", "inf"], "--cutmix-alpha inf"), (["--num-classes", "1"], "--num-classes 1"),
+    (["--policy-size", "8"], "--policy-size 8"), (["--ra-magnitude", "31"], "--ra-magnitude 31"),
+    (["--augmix-severity", "0"], "--augmix-severity 0"), (["--synthetic-size", "8"], "--synthetic-size 8"),
+    (["--synthetic-per-class", "0"], "--synthetic-per-class 0"), (["--grid", "0"], "--grid 0"),
+    (["--kernel", "-3"], "--kernel -3"), (["--amp-dtype", "float8"], "--amp-dtype"),
+    (["--interpolation", "lanczos"], "--interpolation"), (["--lr-warmup-method", "cosine"], "--lr-warmup-method"),
+    (["--objective", "x"], "--objective"), (["--noise", "salt"], "--noise"),
+    (["--auto-augment", "x"], "--auto-augment"),
+    (["--policy-model", "vit"], "--policy-model"), (["--resume", ""], "--resume ''"),
+    (["--lr", "abc"], "--lr"), (["--batch-size", "1.5"], "--batch-size"), (["--no-such-flag"], "--no-such-flag"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_every_bad_flag_is_one_line_before_any_work(tmp_path, capsys, args, needle):
+    out = tmp_path / "o"
+    try:
+        code = pgnm.cli([*args, "--output-dir", str(out)])
+    except SystemExit as e:                     # argparse's own refusals (unparsable value, unknown flag)
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert needle in err and "Traceback" not in err, err
+    assert "e.g. -" not in err, err                          # --kernel -3 once suggested "e.g. -2"
+    if "crop-size" in needle or "resize-size" in needle:
+        assert "--grid" not in err, err                      # a zero crop was blamed on --grid
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file_and_a_resume_folder(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert pgnm.cli(["--output-dir", str(f)]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+    assert pgnm.cli(["--resume", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--synthetic-per-class", "2",
+                     "--synthetic-size", "32", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a folder" in err and "does not exist" not in err, err
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _bad_npz_cases():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (12, 28, 28), dtype=np.uint8)
+    ok = (np.arange(12) % 3).reshape(12, 1)
+
+    def official(**over):
+        d = {f"{s}_{k}": v for s in ("train", "val", "test") for k, v in (("images", imgs), ("labels", ok))}
+        d.update(over)
+        return d
+    nan = ok.astype(float)
+    nan[3] = np.nan
+    frac = ok.astype(float)
+    frac[0] = 0.7
+    return {
+        "nan_labels": (official(train_labels=nan), ["train_labels", "whole numbers", "nan"]),
+        "fractional_labels": (official(val_labels=frac), ["val_labels", "whole numbers", "0.7"]),
+        "string_labels": (official(train_labels=np.array(["a"] * 12)), ["train_labels", "integers", "<U1"]),
+        "object_labels": (official(test_labels=np.array([1, "x"] * 6, dtype=object)), ["test_labels"]),
+        "0d_labels": (official(train_labels=np.array(3)), ["train_labels", "shape ()"]),
+        "negative_labels": (official(val_labels=ok - 1), ["val_labels", ">= 0", "-1"]),
+        "empty_val": (official(val_images=imgs[:0], val_labels=ok[:0]), ["val split has no images"]),
+        "single_class": (official(train_labels=np.zeros((12, 1), int)), ["one class only", "at least two"]),
+        "float_images": (official(train_images=imgs.astype(np.float32)), ["train images must be uint8"]),
+        "merged_val_empty": ({"images": imgs, "labels": ok}, ["--val-split 0.1", "val/test split", "empty"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_npz_cases()))
+def test_bad_npz_is_one_line_naming_file_and_split(tmp_path, capsys, case):
+    arrays, needles = _bad_npz_cases()[case]
+    p = _npz(tmp_path / f"{case}.npz", **arrays)
+    code = pgnm.cli(["--data-path", p, "--output-dir", str(tmp_path / "o"), "--train-crop-size", "28",
+                     "--val-resize-size", "28", "--val-crop-size", "28", "--grid", "7", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert os.path.basename(p) in err and "-9223372036854775808" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_npz_float_labels_holding_whole_numbers_are_accepted(tmp_path):
+    labels = (np.arange(12) % 3).astype(np.float64)
+    assert pgnm.npz_labels(labels, "x.npz", "train").dtype == np.int64
+    assert pgnm.npz_labels(labels, "x.npz", "train").tolist() == (np.arange(12) % 3).tolist()
+
+
+def test_float_image_with_nan_pixels_keeps_its_contrast():
+    a = np.linspace(0.0, 100.0, 64, dtype=np.float32).reshape(8, 8)
+    a[0, 1], a[0, 2], a[0, 3] = np.nan, np.inf, -np.inf
+    out = np.asarray(pgnm.to_8bit(Image.fromarray(a, mode="F")))
+    assert out[7, 7] == 255 and out[4, 4] == round(float(a[4, 4]) * 2.55)     # scaled by the finite range
+    assert out[0, 1] == 0 and out[0, 2] == 255 and out[0, 3] == 0              # NaN/-inf -> 0, +inf -> 255
+    assert np.asarray(pgnm.to_8bit(Image.fromarray(np.full((3, 3), np.nan, np.float32), "F"))).max() == 0
+
+
+def _link_tree(root):
+    _write_imagefolder(root, classes=("a", "b"), per=2, size=8, modes=("L",))
+    return os.path.join(root, "train")
+
+
+@pytest.mark.parametrize("case", ["parent_loop", "self_loop", "out_of_root", "into_other_split", "file_twice",
+                                  "folder_twice"])
+def test_symbolic_links_in_the_data_tree_never_loop_leave_or_count_twice(tmp_path, case):
+    train = _link_tree(str(tmp_path / "d"))
+    a, b = os.path.join(train, "a"), os.path.join(train, "b")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside / "x.png")
+    if case == "parent_loop":                   # ln -s .. train/a/again: b's images would count as a's
+        os.symlink("..", os.path.join(a, "again"))
+    elif case == "self_loop":                   # ln -s . train/a/x: a's images counted 40 times
+        os.symlink(".", os.path.join(a, "x"))
+    elif case == "out_of_root":
+        os.symlink(str(outside / "x.png"), os.path.join(a, "x.png"))
+    elif case == "into_other_split":
+        os.symlink(os.path.join(str(tmp_path / "d"), "val", "a"), os.path.join(a, "val_a"))
+    elif case == "file_twice":                  # the same image in two classes
+        os.symlink(os.path.join(a, "0.png"), os.path.join(b, "dup.png"))
+    else:
+        os.makedirs(os.path.join(train, ".shared"))
+        os.symlink(os.path.join(train, ".shared"), os.path.join(a, "s1"))
+        os.symlink(os.path.join(train, ".shared"), os.path.join(b, "s2"))
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(train, ".shared", "y.png"))
+    with pytest.raises(pgnm.UserError, match="symbolic link|again|same file|counted already"):
+        pgnm.ImageFolderDataset(train)
+
+
+def test_symbolic_links_inside_the_split_are_followed_once(tmp_path):
+    train = _link_tree(str(tmp_path / "d"))
+    store = os.path.join(train, ".store")       # not a class (hidden): a link farm inside the split
+    os.makedirs(store)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(store, "z.png"))
+    os.symlink(os.path.join(store, "z.png"), os.path.join(train, "a", "z.png"))
+    os.symlink(os.path.join(train, "b"), os.path.join(str(tmp_path / "d"), "train_b_link"))   # outside: unused
+    ds = pgnm.ImageFolderDataset(train)
+    assert ds.classes == ["a", "b"] and len(ds) == 5 and ds.targets.count(0) == 3
+
+
+def test_split_folders_must_not_overlap(tmp_path, capsys):
+    root = str(tmp_path / "d")
+    _link_tree(root)
+    shutil.rmtree(os.path.join(root, "val"))
+    os.symlink(os.path.join(root, "train"), os.path.join(root, "val"))
+    code = pgnm.cli(["--data-path", root, "--output-dir", str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "splits must not share" in err, err
+
+
+def _authors_checkpoint(path, with_optimizer=True):
+    """The authors' train.py layout: DDP-prefixed weights, one SGD over both networks, 'args' an argparse.Namespace."""
+    model, policy = pgnm.build_model("resnet10t", 24), pgnm.PolicyNet(8)
+    opt = torch.optim.SGD(list(model.parameters()) + list(policy.parameters()), lr=0.1, momentum=0.9)
+    ck = {"model": {f"module.{k}": v for k, v in model.state_dict().items()},
+          "policy_net": policy.state_dict(), "main_lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 30).state_dict(),
+          "base_alpha": torch.rand(1, 64), "base_beta": torch.rand(1, 64), "epoch": 3,
+          "args": argparse.Namespace(lr=0.1, grid=8, model="resnet10t", epochs=90)}
+    if with_optimizer:
+        ck["optimizer"] = opt.state_dict()
+    torch.save(ck, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["authors", "weights_only", "no_optimizer", "not_a_dict"])
+def test_resume_from_a_foreign_checkpoint_is_one_line_suggesting_finetune(tmp_path, capsys, kind):
+    p = tmp_path / "c.pth"
+    if kind == "authors":
+        _authors_checkpoint(p)
+    elif kind == "weights_only":
+        torch.save(pgnm.build_model("resnet10t", 24).state_dict(), p)
+    elif kind == "no_optimizer":
+        ck = {"model": pgnm.build_model("resnet10t", 24).state_dict(), "epoch": 0, "step": 1, "args": {},
+              "main_lr_scheduler": {}}
+        torch.save(ck, p)
+    else:
+        torch.save([torch.zeros(1)], p)
+    code = pgnm.cli(["--resume", str(p), "--output-dir", str(tmp_path / "o"), *TINY_CLI])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"--finetune {p}" in err and ("authors'" in err) == (kind == "authors"), err
+    assert not (tmp_path / "o" / "checkpoint.pth").exists()
+
+
+def test_finetune_from_nan_weights_is_refused(tmp_path, capsys):
+    sd = pgnm.build_model("resnet10t", 24).state_dict()
+    sd["layer1.0.conv1.weight"][0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    code = pgnm.cli([*TINY_CLI, "--finetune", str(tmp_path / "nan.pth"), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "layer1.0.conv1.weight" in err and "NaN/inf" in err, err
+
+
+def test_the_authors_checkpoint_can_start_a_run_through_finetune(tmp_path):
+    sd = pgnm.load_classifier_weights(_authors_checkpoint(tmp_path / "c.pth", with_optimizer=False))
+    m = pgnm.build_model("resnet10t", 24)
+    pgnm.load_into_classifier(m, sd, "c.pth", "resnet10t", log=lambda *_: None)
+
+
 def test_class_folder_without_images(tmp_path):
     root = str(tmp_path / "d")
     _write_imagefolder(root, per=2)
@@ -910,38 +1133,242 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, straight_run, workers
         assert f"epoch 2, step {ck['step']}" in proc.stdout or "epoch 2, step" in proc.stdout
 
 
-def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_is_identical(tmp_path, straight_run):
+@pytest.fixture(scope="module")
+def first_epoch(tmp_path_factory):
+    """TINY_CLI's first epoch alone (checkpoints at steps 5, 10 and 12): the start of several fault tests below.
+    Saving more often changes no number, so continuing it must end exactly where straight_run ends."""
+    out = str(tmp_path_factory.mktemp("first_epoch"))
+    proc = run_cli(*TINY_CLI, "--epochs", "1", "--workers", "0", "--save-every-steps", "5", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return str(dst)
+
+
+def test_resume_with_more_epochs_rebuilds_the_schedules_and_equals_a_straight_run(tmp_path, first_epoch,
+                                                                                 straight_run):
+    out = _copy_run(first_epoch, tmp_path / "o")
+    proc = run_cli(*TINY_CLI, "--workers", "0", "--output-dir", out, "--resume", "auto")      # --epochs 1 -> 2
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    note = [ln for ln in proc.stdout.splitlines() if ln.startswith("note: ") and "--epochs 1" in ln]
+    assert len(note) == 1 and "this run has --epochs 2" in note[0] and "policy lr 0.001 for epoch 2" in note[0], note
+    _assert_same_state(_final_state(out), straight_run)     # the policy's cosine now spans 2 epochs, as straight
+    assert [r["epoch"] for r in read_log(out) if not r.get("final")] == [1, 2]
+
+
+def test_sigterm_to_the_process_group_with_workers_checkpoints_exits_3_and_resumes_identically(
+        tmp_path, first_epoch, straight_run):
     import signal
-    import time
-    out = str(tmp_path)
-    args = [*TINY_CLI, "--workers", "0", "--output-dir", out]
+    out = _copy_run(first_epoch, tmp_path / "o")
+    args = [*TINY_CLI, "--workers", "2", "--output-dir", out, "--resume", "auto"]
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pgnm.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:                       # wait for a step in the middle of epoch 2
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)   # its own group, as SLURM's
+    for line in proc.stdout:                        # a step in the middle of epoch 2: the workers are running
         if "epoch 2/2 step 5/12" in line:
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)         # what scancel and a time limit do: every process of the group
             break
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3 and "stopped: stop requested by signal" in err, err[-2000:]
-    ck = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert err.strip().splitlines() == ["stopped: stop requested by signal"], err[-3000:]
+    ck = pgnm.verify_and_load(os.path.join(out, "checkpoint.pth"))
     assert ck["epoch"] == 1 and 5 <= ck["step"] < 12
-    res = run_cli(*args, "--resume", "auto")
+    res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-2000:]
     _assert_same_state(_final_state(out), straight_run)
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    out = str(tmp_path)
-    pgnm.main(tiny(output_dir=out, epochs=2))
-    path = os.path.join(out, "checkpoint.pth")
+def test_sigterm_under_torchrun_checkpoints_on_every_rank(tmp_path):
+    """torchrun forwards the signal (and the group's SIGTERM reaches its workers directly): both ranks stop after the
+    same step, rank 0 writes a checkpoint. torchrun itself exits 1 (it raises on its own SIGTERM), which is why the
+    README's requeue script starts pgnm.py with srun instead."""
+    import signal
+    out = str(tmp_path / "o")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "pgnm.py"), *TINY_CLI, "--workers", "2", "--output-dir", out]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if "epoch 1/2 step 3/6" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert err.count("stopped: stop requested by signal") == 2 and "exited unexpectedly" not in err, err[-3000:]
+    ck = pgnm.verify_and_load(os.path.join(out, "checkpoint.pth"))
+    assert ck["epoch"] == 0 and 3 <= ck["step"] < 6 and ck["world_size"] == 2 and len(ck["rng"]) == 2
+
+
+def _corrupt(path, how):
     size = os.path.getsize(path)
     with open(path, "r+b") as fh:
-        fh.truncate(size // 2)
-    proc = run_cli(*TINY_CLI, "--epochs", "3", "--workers", "0", "--output-dir", out, "--resume", "auto")
+        if how == "truncate":
+            fh.truncate(size // 2)
+        elif how == "overwrite_4k":                 # 4 KiB of zeros in the middle: torch.load alone does not notice
+            fh.seek(size // 2)
+            fh.write(b"\0" * 4096)
+        elif how == "flip_bit":                     # one bit of tensor data
+            fh.seek(size // 2)
+            b = fh.read(1)
+            fh.seek(size // 2)
+            fh.write(bytes([b[0] ^ 0x10]))
+        else:                                       # garbage from the start
+            fh.write(b"not a checkpoint" * 64)
+
+
+def _two_checkpoints(out):
+    """checkpoint.pth and checkpoint_prev.pth of an untrained tiny run (no training needed to test loading)."""
+    cfg = tiny(output_dir=out)
+    run, state = pgnm.build_run(cfg, pgnm.DistInfo(), 24, False, log=lambda *_: None)
+    os.makedirs(out, exist_ok=True)
+    for step in (1, 2):
+        pgnm.save_checkpoint(run, state, 0, step, 12, {"loss_sum": 0.0, "n_ok": step})
+    return run, state
+
+
+@pytest.mark.parametrize("how", ["truncate", "overwrite_4k", "flip_bit", "garbage"])
+def test_a_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path, how):
+    out = str(tmp_path)
+    _two_checkpoints(out)
+    path = os.path.join(out, "checkpoint.pth")
+    _corrupt(path, how)
+    if how in ("overwrite_4k", "flip_bit"):
+        torch.load(path, weights_only=True)         # torch.load alone takes the damaged file ...
+    msgs = []
+    ck, used = pgnm.load_checkpoint_with_fallback(out, log=msgs.append)
+    assert used.endswith("checkpoint_prev.pth") and ck["step"] == 1      # ... it is caught before use
+    assert len(msgs) == 1 and "checkpoint.pth is unusable" in msgs[0], msgs
+
+
+def test_both_checkpoints_unusable_stops_with_one_line_and_overwrites_nothing(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    _two_checkpoints(out)
+    _corrupt(os.path.join(out, "checkpoint.pth"), "overwrite_4k")
+    _corrupt(os.path.join(out, "checkpoint_prev.pth"), "truncate")
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".pth")}
+    code = pgnm.cli([*TINY_CLI, "--output-dir", out, "--resume", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no usable checkpoint" in err and "CRC" in err, err
+    after = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".pth")}
+    assert after == before and not os.path.exists(os.path.join(out, "log.jsonl"))
+
+
+def test_corrupt_checkpoint_end_to_end_resumes_from_the_previous_one_exactly(tmp_path, first_epoch, straight_run):
+    out = _copy_run(first_epoch, tmp_path / "o")        # checkpoint.pth: epoch 1 done; prev: step 10 of 12
+    _corrupt(os.path.join(out, "checkpoint.pth"), "overwrite_4k")
+    with open(os.path.join(out, "checkpoint.pth.tmp.99999"), "wb") as fh:        # as a SIGKILL mid-write leaves
+        fh.write(b"half a checkpoint")
+    proc = run_cli(*TINY_CLI, "--workers", "0", "--output-dir", out, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "checkpoint.pth is unreadable" in proc.stdout and "trying the previous checkpoint" in proc.stdout
-    assert f"resumed from {os.path.join(out, 'checkpoint_prev.pth')}: epoch 2, step 0" in proc.stdout
-    assert [r["epoch"] for r in read_log(out) if not r.get("final")] == [1, 2, 3]
+    assert "checkpoint.pth.tmp.99999, left by an interrupted write" in proc.stdout
+    assert not [f for f in os.listdir(out) if ".tmp." in f]
+    assert "checkpoint.pth is unusable (CRC mismatch" in proc.stdout
+    assert f"resumed from {os.path.join(out, 'checkpoint_prev.pth')}: epoch 1, step 10" in proc.stdout
+    assert os.path.exists(os.path.join(out, "checkpoint.pth.corrupt"))        # kept aside, not rotated over prev
+    _assert_same_state(_final_state(out), straight_run)
+
+
+def test_disk_full_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, first_epoch):
+    """A real failing write: the file size limit (RLIMIT_FSIZE) stops the checkpoint write half-way, as a full disk
+    would (EFBIG instead of ENOSPC; the ENOSPC path is the same code, checked in-process below)."""
+    import resource
+    import signal
+    out = _copy_run(first_epoch, tmp_path / "o")
+    path = os.path.join(out, "checkpoint.pth")
+    before = open(path, "rb").read()
+    limit = len(before) // 2
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # the write then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "pgnm.py"), *TINY_CLI, "--workers", "0", "--output-dir",
+                           out, "--resume", "auto", "--save-every-steps", "1"], capture_output=True, text=True,
+                          preexec_fn=small_disk, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "cannot write" in err and "checkpoint.pth is as it was" in err, err
+    assert open(path, "rb").read() == before
+    assert not [f for f in os.listdir(out) if ".tmp." in f]
+
+
+def test_enospc_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+    p, prev = str(tmp_path / "checkpoint.pth"), str(tmp_path / "checkpoint_prev.pth")
+    pgnm.atomic_save({"v": torch.tensor(1)}, p, prev)
+    pgnm.atomic_save({"v": torch.tensor(2)}, p, prev)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(pgnm.UserError, match="No space left on device.*checkpoint.pth is as it was"):
+        pgnm.atomic_save({"v": torch.tensor(3)}, p, prev)
+    monkeypatch.undo()
+    assert pgnm.safe_load(p)["v"].item() == 2 and pgnm.safe_load(prev)["v"].item() == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_prev.pth"]
+
+
+def test_writes_never_follow_a_planted_symbolic_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "o"
+    out.mkdir()
+    p = str(out / "checkpoint.pth")
+    os.symlink(victim, f"{p}.tmp.{os.getpid()}")             # a planted temp file name
+    pgnm.atomic_save({"v": torch.tensor(1)}, p)
+    os.symlink(victim, str(out / "model_heated.pth"))         # a planted target
+    pgnm.atomic_save({"v": torch.tensor(2)}, str(out / "model_heated.pth"))
+    os.symlink(victim, str(out / "log.jsonl"))
+    with pytest.raises(pgnm.UserError, match="symbolic link"):
+        pgnm._append_jsonl(str(out / "log.jsonl"), {"epoch": 1})
+    assert victim.read_text() == "precious" and not os.path.islink(out / "model_heated.pth")
+    assert pgnm.safe_load(p)["v"].item() == 1
+
+
+def test_a_linked_log_is_refused_at_start_and_never_trimmed(tmp_path, capsys):
+    out = tmp_path / "o"
+    _two_checkpoints(str(out))
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text('{"epoch": 5}\n')
+    os.symlink(victim, out / "log.jsonl")
+    code = pgnm.cli([*TINY_CLI, "--output-dir", str(out), "--resume", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "log.jsonl is a symbolic link" in err, err
+    assert victim.read_text() == '{"epoch": 5}\n'
+
+
+def test_leftover_temp_files_are_removed_at_start_and_links_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pth.tmp.4242").write_bytes(b"half a checkpoint")
+    os.symlink(victim, out / "model_heated.pth.tmp.77")
+    (out / "notes.tmp.1").write_text("not ours")
+    pgnm.clean_temp_files(str(out), log=lambda *_: None)
+    assert sorted(os.listdir(out)) == ["notes.tmp.1"] and victim.read_text() == "precious"
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
+    import signal
+    out = str(tmp_path / "o")
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "pgnm.py"), *TINY_CLI, "--epochs", "50",
+                              "--workers", "0", "--output-dir", out], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stdout:                     # the header is printed once the folder is claimed
+            if line.startswith("config: "):
+                break
+        code = pgnm.cli([*TINY_CLI, "--output-dir", out])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"--output-dir {out} is in use by another run (pid {first.pid} on" in err, err
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with pgnm.output_dir_lock(out, log=lambda *_: None):      # the kernel released the dead run's lock
+        pass
 
 
 def test_resume_with_other_flags_is_refused(tmp_path):
@@ -1010,6 +1437,127 @@ def test_too_many_bad_steps_stop_cleanly_and_keep_the_last_good_checkpoint(tmp_p
         pgnm.main(tiny(output_dir=out, epochs=2, resume="auto", max_bad_steps=3))
     kept = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     assert kept["epoch"] == good["epoch"] and torch.equal(kept["base_alpha"], good["base_alpha"])
+
+
+def _tiny_run(**kw):
+    cfg = tiny(**kw)
+    return pgnm.build_run(cfg, pgnm.DistInfo(), 24, False, log=lambda *_: None)
+
+
+def _everything(run, state):
+    """Every state a step may change, copied: weights, buffers, optimiser states, scaler, alpha_d/beta_d."""
+    import copy
+    return {"nets": [{k: v.clone() for k, v in n.state_dict().items()} for n in run.networks()],
+            "opts": [copy.deepcopy(o.state_dict()) for o in run.optimizers()],
+            "scaler": dict(run.scaler.state_dict()), "alpha": state.alpha_d.clone(), "beta": state.beta_d.clone()}
+
+
+def _same(a, b):
+    def eq(x, y):
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
+        return x == y
+    return eq(a, b)
+
+
+def test_a_skipped_step_leaves_every_state_as_it_was(monkeypatch):
+    """The heated step whose forward ran (BatchNorm statistics updated) but whose loss is NaN: weights, BatchNorm
+    buffers, momentum, GradScaler and alpha_d/beta_d are bit for bit as before. A finite loss with overflowing
+    gradients is GradScaler's own skip: only its scale changes (halved)."""
+    torch.manual_seed(0)
+    run, state = _tiny_run()
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    assert pgnm.train_step(run, state, x, y)[1]                 # a good step: momentum buffers exist
+    before = _everything(run, state)
+    real = pgnm.paper_objective
+    monkeypatch.setattr(pgnm, "paper_objective", lambda logp, ce: real(logp, ce) * float("nan"))
+    _, taken, _ = pgnm.train_step(run, state, x * 3 + 1, y)    # other statistics: BatchNorm would move
+    assert not taken and state.bad_in_a_row == 1 and state.amp_skipped == 0
+    assert _same(_everything(run, state), before)
+    assert all(torch.isfinite(v).all() for n in run.networks() for k, v in n.state_dict().items() if "running" in k)
+    monkeypatch.setattr(pgnm, "paper_objective", real)
+    hook = run.model_raw.fc.weight.register_hook(lambda g: g * float("inf"))
+    _, taken, _ = pgnm.train_step(run, state, x, y)
+    hook.remove()
+    after = _everything(run, state)
+    assert not taken and state.amp_skipped == 1 and state.bad_in_a_row == 1
+    assert after["scaler"]["scale"] == before["scaler"]["scale"] / 2
+    assert _same({k: v for k, v in after.items() if k != "scaler"}, {k: v for k, v in before.items() if k != "scaler"})
+
+
+def test_a_checkpoint_holding_nan_is_never_written(tmp_path):
+    out = str(tmp_path)
+    run, state = _two_checkpoints(out)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out)) if f.endswith(".pth")}
+    run.model_raw.bn1.running_var[3] = float("nan")
+    with pytest.raises(pgnm.Diverged, match="bn1.running_var.*not written"):
+        pgnm.save_checkpoint(run, state, 0, 3, 12, {"loss_sum": 0.0, "n_ok": 3})
+    after = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out)) if f.endswith(".pth")}
+    assert after == before
+
+
+def test_divergence_exits_4_with_only_finite_checkpoints_and_the_advised_lr_is_used(tmp_path, capsys):
+    """The report's case: lr 1e6, checkpoints every 2 steps, 5 bad steps allowed. Every checkpoint left is finite,
+    the exit code (4) is not the requeue code (3), and resuming with a lower --lr uses it."""
+    out = str(tmp_path / "o")
+    args = [*TINY_CLI, "--batch-size", "24", "--save-every-steps", "2", "--max-bad-steps", "5", "--output-dir", out]
+    code = pgnm.cli([*args, "--lr", "1e6"])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and len(err.splitlines()) == 1 and "non-finite steps in a row" in err and "--lr" in err, err
+    names = [f for f in os.listdir(out) if f.startswith("checkpoint")]
+    assert names
+    for f in names:
+        ck = pgnm.verify_and_load(os.path.join(out, f))
+        assert not pgnm.nonfinite_tensors(ck), f
+    assert all(json.loads(ln, parse_constant=pytest.fail) for ln in open(os.path.join(out, "log.jsonl")))
+    pgnm.cli([*args, "--lr", "0.01", "--resume", "auto"])
+    stdout = capsys.readouterr().out
+    assert "--lr 1000000.0" in stdout and "this run has --lr 0.01" in stdout
+    assert re.search(r"step \d+/4\s+loss \S+\s+lr 0\.01\s", stdout), stdout[-2000:]
+
+
+def test_a_run_whose_every_step_is_skipped_does_not_exit_0(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pgnm, "paper_objective", _nan_objective([], lambda n: True))
+    out = str(tmp_path / "o")
+    code = pgnm.cli([*TINY_CLI, "--epochs", "1", "--batch-size", "48", "--max-bad-steps", "50", "--output-dir", out])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and "every step of epoch 1 was skipped" in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
+    assert not os.path.exists(os.path.join(out, "model_heated.pth"))
+
+
+def test_resume_with_a_new_lr_rebuilds_the_schedules_and_keeps_momentum(tmp_path):
+    torch.manual_seed(0)
+    run1, state1 = _tiny_run(lr=0.02, epochs=1)
+    pgnm.train_step(run1, state1, torch.randn(8, 3, 32, 32), torch.arange(8))
+    ck = pgnm.make_checkpoint(run1, state1, 0, 12, 12, {"loss_sum": 0.0, "n_ok": 12})   # epoch 1 of 1 done
+    run2, state2 = _tiny_run(lr=0.01, epochs=3, output_dir=str(tmp_path))
+    msgs = []
+    start = pgnm.restore_run(run2, state2, ck, "c.pth", 12, msgs.append)
+    assert start.epoch == 1
+    assert run2.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)                 # StepLR(4): not yet decayed
+    assert run2.pol_optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * (1 + math.cos(math.pi / 3)) / 2)
+    mom1 = [s["momentum_buffer"] for s in run1.optimizer.state_dict()["state"].values()]
+    mom2 = [s["momentum_buffer"] for s in run2.optimizer.state_dict()["state"].values()]
+    assert mom1 and all(torch.equal(a, b) for a, b in zip(mom1, mom2))
+    note = [m for m in msgs if m.startswith("note:")]
+    assert len(note) == 1 and "--epochs 1 --lr 0.02" in note[0] and "this run has --epochs 3 --lr 0.01" in note[0]
+    run3, state3 = _tiny_run(lr=0.02, epochs=1, output_dir=str(tmp_path))                # same flags: no note
+    msgs.clear()
+    pgnm.restore_run(run3, state3, ck, "c.pth", 12, msgs.append)
+    assert not [m for m in msgs if m.startswith("note:")]
+
+
+def test_log_lines_are_strict_json_with_null_for_nan(tmp_path):
+    p = str(tmp_path / "log.jsonl")
+    pgnm._append_jsonl(p, {"val_auroc": float("nan"), "x": [float("inf"), 1.0]})
+    rec = json.loads(open(p).read(), parse_constant=pytest.fail)
+    assert rec == {"val_auroc": None, "x": [None, 1.0]}
 
 
 # =====================================================================================================================
