@@ -1958,7 +1958,7 @@ def test_feature_cache_second_run_extracts_nothing(tmp_path, monkeypatch):
 # --- bad input: exit code 2, one stderr line naming the flag or file, never a traceback -----------------------------
 
 
-def _npz(path, **over):
+def _eval_npz(path, **over):
     """A valid 3-class MedMNIST file (train/val/test of 12 28x28 images), with arrays replaced or removed (None)."""
     imgs = np.random.default_rng(0).integers(0, 255, (12, 28, 28), dtype=np.uint8)
     d = {f"{s}_{k}": v for s in ("train", "val", "test") for k, v in (("images", imgs),
@@ -1971,7 +1971,7 @@ def _npz(path, **over):
 
 def _bad_case_files(tmp):
     """The files that the bad-input cases name, keyed by the {placeholder} they replace."""
-    f = {"tmp": str(tmp), "ck": _tiny_backbone(tmp), "good": _npz(str(tmp / "good.npz"))}
+    f = {"tmp": str(tmp), "ck": _tiny_backbone(tmp), "good": _eval_npz(str(tmp / "good.npz"))}
     nan_sd = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
               for k, v in pgnm.build_model("resnet10t", 7).state_dict().items()}
     torch.save(nan_sd, str(tmp / "nan.pth"))
@@ -2007,7 +2007,7 @@ def _bad_case_files(tmp):
         "mlcolumns": {"train_labels": np.ones((12, 4), np.int64), "val_labels": np.ones((12, 3), np.int64),
                       "test_labels": np.ones((12, 4), np.int64)},
     }.items():
-        f[name] = _npz(str(tmp / f"{name}.npz"), **over)
+        f[name] = _eval_npz(str(tmp / f"{name}.npz"), **over)
     np.savez(str(tmp / "merged1.npz"), images=np.zeros((12, 28, 28), np.uint8), labels=np.zeros(12, np.int64))
     np.savez(str(tmp / "wrongkeys.npz"), pictures=np.zeros((2, 4, 4), np.uint8))
     _write_imagefolder(str(tmp / "oneclass"), classes=("a",), per=2, size=16)
@@ -2017,7 +2017,7 @@ def _bad_case_files(tmp):
     (tmp / "novals" / "train").mkdir()
     os.makedirs(str(tmp / "blocked" / "results.json"))
     (tmp / "dup").mkdir()
-    _npz(str(tmp / "dup" / "good.npz"))
+    _eval_npz(str(tmp / "dup" / "good.npz"))
     return f
 
 
