@@ -2290,7 +2290,8 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     flags = dict(device=str(dev), device_name=name, torch=torch.__version__, model=cfg.model,
                  policy_model=cfg.policy_model, batch_size=b, crop=s, grid=g,
-                 amp=cfg.amp_dtype if cfg.amp else "off", channels_last=hcfg.channels_last,
+                 amp=str(run.autocast().fast_dtype).replace("torch.", "") if cfg.amp else "off",
+                 channels_last=hcfg.channels_last,
                  compile=cfg.compile_mode if cfg.compile else "off", policy_size=cfg.policy_size, rounds=rounds,
                  sgd="fused" if sgd_implementation(dev)["fused"] else "default")
     log(f"bench: {cfg.model} + policy {cfg.policy_model}, batch {b}, {s} px, grid {g}, kernel {cfg.kernel}, "
@@ -2394,7 +2395,8 @@ def bench_e2e(cfg: Config, steps: int = 150, log=print) -> dict:
     res = {"e2e_img_s": round(steps * b / loader_s, 1), "resident_img_s": round(steps * b / resident_s, 1),
            "e2e_over_resident": round(resident_s / loader_s, 4), "data_wait_share": round(wait / loader_s, 4),
            "workers": cfg.workers, "batch_size": b, "steps": steps, "epochs_touched": epoch,
-           "device": str(dev), "amp": cfg.amp_dtype if cfg.amp else "off", "channels_last": cfg.channels_last,
+           "device": str(dev), "amp": str(run.autocast().fast_dtype).replace("torch.", "") if cfg.amp else "off",
+           "channels_last": cfg.channels_last,
            "compile": cfg.compile_mode if cfg.compile else "off", "cpu_count": os.cpu_count()}
     log(f"bench-e2e: {cfg.model} heated, batch {b}, {cfg.train_crop_size} px, {cfg.workers} workers, {steps} timed "
         f"steps on {dev}: {res['e2e_img_s']} img/s from {cfg.data_path} vs {res['resident_img_s']} img/s on a "
