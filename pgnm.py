@@ -2320,6 +2320,9 @@ def bench_data(cfg: Config, batches: int = 50, log=print) -> dict:
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.workers, persistent_workers=False,
                                          collate_fn=collate_skip_none if cfg.skip_bad_images else None)
+    if len(loader) < 2:
+        raise UserError(f"--bench-data: {len(ds)} training images make {len(loader)} batch(es) of {cfg.batch_size}; "
+                        f"the timing needs at least 2: lower --batch-size")
     n, t0, it = 0, None, iter(loader)
     for i in range(min(batches + 2, len(loader))):
         x, _ = next(it)

@@ -4,6 +4,7 @@
 #
 #     bash tools/gpu_check.sh [OUT_DIR]          # default: $OUT, else ./gpu_check_out
 #     DEVICE=cpu bash tools/gpu_check.sh /tmp/x  # rehearsal on a CPU: the same commands at tiny sizes
+#     ONLY='bench-e2e|resume' bash tools/gpu_check.sh   # only the steps whose name matches this regex
 #
 # Writes exactly two files to OUT_DIR: gpu_check.log (every command and all its output) and summary.txt (per step:
 # exit code and seconds; the bench JSON lines; the test counts; a table of the speed ratios), which is also printed.
@@ -29,7 +30,7 @@ FAILED=0
 
 if [ "$DEVICE" = "cpu" ]; then
     # rehearsal: the same steps at sizes a 2-core CPU runs in seconds, timeouts x4, no time budget
-    export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1
+    export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"
     DEV0="--device cpu"
     BENCH="--model resnet10t --batch-size 2 --train-crop-size 32 --grid 8 --kernel 3 --sigma 1 --bench-rounds 2"
     TINY="--synthetic-per-class 2 --synthetic-size 32 --train-crop-size 32 --val-resize-size 32 --val-crop-size 32 \
@@ -37,6 +38,7 @@ if [ "$DEVICE" = "cpu" ]; then
     PNG="--size 40 --per-class 1 --copies 2 --val-per-class 1"
     E2E="--model resnet10t --batch-size 8 --train-crop-size 32 --val-resize-size 32 --val-crop-size 32 --grid 8 \
 --kernel 3 --sigma 1 --bench-steps 3"
+    BDATA="--batch-size 8 --train-crop-size 32 --val-resize-size 32 --val-crop-size 32 --grid 8 --kernel 3"
     EVAL="--image-size 32 --trials 1 --lowshot-trials 1 --shots 8"
     TEST_K="device or channels_last or fused or gpu or cuda or bf16 or fp16 or compile"
     SCALE=4
@@ -49,8 +51,9 @@ else
     PNG="--size 256 --per-class 16 --copies 25 --val-per-class 4"
     E2E="--model resnet50 --batch-size 64 --train-crop-size 224 --val-resize-size 256 --val-crop-size 224 --grid 64 \
 --kernel 13 --sigma 6 --bench-steps 150"
+    BDATA="--batch-size 64"
     EVAL="--trials 1 --lowshot-trials 2"
-    TEST_K="gpu or cuda or amp or fp16 or bf16 or compile"
+    TEST_K="(gpu or cuda or amp or fp16 or bf16 or compile) and not two_process"
     SCALE=1
 fi
 RUNS="$WORK/runs"
@@ -63,6 +66,7 @@ step() {
     shift 2
     if [ "$1" = "optional" ]; then optional=1; est=$2; shift 2; fi
     [ "$1" = "--" ] && shift
+    if [ -n "${ONLY:-}" ] && ! grep -qE "$ONLY" <<<"$name"; then return 0; fi
     local now=$(($(date +%s) - T0))
     if [ $optional = 1 ] && [ $((now + est)) -gt "$BUDGET" ]; then
         say "[skipped: ${now}s used of the ${BUDGET}s budget] $name"
@@ -80,8 +84,8 @@ step() {
     cat "$tmp" >>"$LOG"
     local dt=$(($(date +%s) - t))
     [ $rc -ne 0 ] && FAILED=$((FAILED + 1))
-    say "[rc=$rc ${dt}s] $name$([ $rc = 124 ] && echo '  (TIMED OUT)')"
-    grep -E '^\{"' "$tmp" | sed 's/^/    /' | tee -a "$SUM" >/dev/null
+    say "[rc=$rc ${dt}s] $name$( { [ $rc = 124 ] || [ $rc = 137 ]; } && echo '  (TIMED OUT)')"
+    grep -E '^\{"|^CHECK: |^resumed from' "$tmp" | sed 's/^/    /' | tee -a "$SUM"
     grep -E '^(=+ )?[0-9]+ (passed|failed)|[0-9]+ (passed|failed|skipped|error)' "$tmp" | tail -1 | sed 's/^/    /' \
         | tee -a "$SUM"
     if [ $rc -ne 0 ]; then grep -vE '^\s*$' "$tmp" | tail -3 | sed 's/^/    ! /' | tee -a "$SUM"; fi
@@ -134,14 +138,13 @@ step "bench-e2e bf16, 4 workers" 120 optional 30 -- "$PY" pgnm.py --bench-e2e "$
     --amp-dtype bfloat16 --workers 4 --output-dir "$RUNS/e2e"
 step "bench-e2e bf16, 12 workers" 120 optional 30 -- "$PY" pgnm.py --bench-e2e "$WORK/pngs" $E2E --amp \
     --amp-dtype bfloat16 --workers 12 --output-dir "$RUNS/e2e"
-step "bench-data, 8 workers" 90 optional 20 -- "$PY" pgnm.py --bench-data "$WORK/pngs" --batch-size 64 --workers 8 \
-    $([ "$DEVICE" = cpu ] && echo "--train-crop-size 32 --val-resize-size 32 --val-crop-size 32 --grid 8 --kernel 3")
+step "bench-data, 8 workers" 90 optional 20 -- "$PY" pgnm.py --bench-data "$WORK/pngs" $BDATA --workers 8
 step "heated --amp --compile (2 epochs)" 200 optional 60 -- "$PY" pgnm.py --phase heated --amp --compile --epochs 2 \
     $TINY --output-dir "$RUNS/compiled"
 step "heated --amp --deterministic, twice, identical weights" 120 optional 30 -- bash -c "for r in a b; do \
     \"$PY\" pgnm.py --phase heated --amp --deterministic --epochs 1 $TINY --output-dir '$RUNS/det_'\$r || exit 1; done; \
     \"$PY\" -c \"import torch; a, b = (torch.load('$RUNS/det_' + r + '/model_heated.pth', weights_only=True) \
-for r in 'ab'); same = all(torch.equal(a[k], b[k]) for k in a); print('deterministic runs identical:', same); \
+for r in 'ab'); same = all(torch.equal(a[k], b[k]) for k in a); print('CHECK: deterministic runs identical:', same); \
 raise SystemExit(0 if same else 1)\""
 step "bench --amp --amp-dtype bfloat16 --compile --compile-mode reduce-overhead (CUDA graphs)" 200 optional 70 -- \
     "$PY" pgnm.py --bench $BENCH --amp --amp-dtype bfloat16 --compile --compile-mode reduce-overhead
