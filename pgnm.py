@@ -20,7 +20,7 @@ paper. The policy is then thrown away and the heated classifier is *fine-tuned* 
 Without --data-path every phase runs on a built-in synthetic multi-modality data set (CT, MR, ultrasound, X-ray)
 with a tiny CPU preset, so `python pgnm.py --phase heated` shows the whole pipeline on a laptop in minutes.
 
-Runtime dependencies: torch >= 2.1, torchvision, numpy, pillow. Nothing else; timm is *not* needed: ResNet-10t,
+Runtime dependencies: torch >= 2.5, torchvision >= 0.20, numpy, pillow. Nothing else; timm is *not* needed: ResNet-10t,
 ResNet-18 and ResNet-50 are written here from scratch with module names chosen so that their state_dict keys and
 shapes equal timm's `resnet10t` / `resnet18` / `resnet50` (and torchvision's resnet18/50), so weights move between
 them with strict=True. Importing this file defines things and does nothing else; every piece (Beta mask sampler,
@@ -217,7 +217,8 @@ def validate_config(cfg: Config) -> None:
     need(0.0 <= cfg.tau_image <= 1.0 and 0.0 <= cfg.tau_dataset <= 1.0, "--tau-image/--tau-dataset must be in [0, 1]")
     need(cfg.lr_warmup_method in ("linear", "constant"), f"--lr-warmup-method {cfg.lr_warmup_method!r}: linear or constant")
     need(cfg.amp_dtype in ("float16", "bfloat16"), f"--amp-dtype {cfg.amp_dtype!r}: float16 or bfloat16")
-    need(cfg.compile_mode in COMPILE_MODES, f"--compile-mode {cfg.compile_mode!r}: {', '.join(COMPILE_MODES)}")
+    need(cfg.compile_mode in COMPILE_MODES, f"--compile-mode {cfg.compile_mode!r}: choose one of "
+         f"{', '.join(COMPILE_MODES)}")
     need(cfg.interpolation in ("bilinear", "bicubic", "nearest"), f"--interpolation {cfg.interpolation!r}: "
          "bilinear, bicubic or nearest")
     need(cfg.auto_augment in (None, "imagenet", "cifar10", "svhn", "ra", "ta_wide", "augmix"),
@@ -1485,7 +1486,7 @@ def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
     A step whose loss or gradients are not finite on any rank is skipped on every rank: weights, optimiser states,
     BatchNorm statistics and alpha_d/beta_d stay as they were, and the step is counted. The same all-reduce carries
     `stop_pending` (a pre-emption signal on this rank), so all ranks agree to stop after the same step."""
-    if run.cfg.compile and run.cfg.compile_mode == "reduce-overhead" and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+    if run.cfg.compile and run.cfg.compile_mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()   # a new step: the CUDA graphs may reuse the last step's memory
     buffers = snapshot_buffers(run.networks())
     fwd = compute_loss(run, state, x, y)
