@@ -21,7 +21,7 @@ paper. The policy is then thrown away and the heated classifier is *fine-tuned* 
 Without --data-path every phase runs on a built-in synthetic multi-modality data set (CT, MR, ultrasound, X-ray)
 with a tiny CPU preset, so `python pgnm.py --phase heated` shows the whole pipeline on a laptop in minutes.
 
-Runtime dependencies: torch >= 2.1, torchvision, numpy, pillow. Nothing else; timm is *not* needed: ResNet-10t,
+Runtime dependencies: torch >= 2.5, torchvision >= 0.20, numpy, pillow. Nothing else; timm is *not* needed: ResNet-10t,
 ResNet-18 and ResNet-50 are written here from scratch with module names chosen so that their state_dict keys and
 shapes equal timm's `resnet10t` / `resnet18` / `resnet50` (and torchvision's resnet18/50), so weights move between
 them with strict=True. Importing this file defines things and does nothing else; every piece (Beta mask sampler,
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import functools
@@ -137,8 +138,11 @@ class Config:
     amp: bool = _f(False, "mixed precision: autocast + GradScaler (fp16); Beta math stays float32")
     amp_dtype: str = _f("float16", "float16 (V100) | bfloat16 (A100 and newer; no scaler)")
     sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm before DDP (GPU only)")
-    channels_last: bool = _f(False, "NHWC memory format (faster convolutions under AMP on tensor cores)")
+    channels_last: bool | None = _f(None, "NHWC memory format (faster convolutions on tensor cores); default: on for "
+                                          "CUDA with --amp, off otherwise; --no-channels-last forces it off")
     compile: bool = _f(False, "torch.compile both networks (saved keys never carry the wrapper prefix)")
+    compile_mode: str = _f("default", "torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead "
+                                      "(captures the networks in CUDA graphs; experimental, see README 'Speed')")
     deterministic: bool = _f(False, "bit-reproducible runs: deterministic kernels, no cuDNN autotuning")
     no_malloc_tuning: bool = _f(False, "on CPU, leave glibc's allocator as it is (by default its mmap/trim "
                                        "thresholds are raised so freed activations are reused, see README)")
@@ -166,6 +170,7 @@ SYNTHETIC_PHASE_PRESETS: dict[str, dict] = {
 }
 
 PHASES = ("heated", "finetune", "baseline")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 MODEL_NAMES = ("resnet10t", "resnet18", "resnet50")
 
 
@@ -251,6 +256,8 @@ def validate_config(cfg: Config) -> None:
     number("tau_dataset", 0, 1)
     need(cfg.lr_warmup_method in ("linear", "constant"), f"--lr-warmup-method {cfg.lr_warmup_method!r}: linear or constant")
     need(cfg.amp_dtype in ("float16", "bfloat16"), f"--amp-dtype {cfg.amp_dtype!r}: float16 or bfloat16")
+    need(cfg.compile_mode in COMPILE_MODES, f"--compile-mode {cfg.compile_mode!r}: choose one of "
+         f"{', '.join(COMPILE_MODES)}")
     need(cfg.interpolation in ("bilinear", "bicubic", "nearest"), f"--interpolation {cfg.interpolation!r}: "
          "bilinear, bicubic or nearest")
     need(cfg.auto_augment in (None, "imagenet", "cifar10", "svhn", "ra", "ta_wide", "augmix"),
@@ -1211,28 +1218,61 @@ class DistInfo:
         return self.world > 1
 
 
-def setup_distributed(device: str | None = None) -> DistInfo:
-    """Read torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) variables and
-    join the process group: NCCL on GPU, gloo on CPU. A single process is world size 1 with no process group."""
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID) variables; (0, 1, 0) for a plain process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def resolve_device(spec: str | None, local_rank: int = 0, world: int = 1) -> torch.device:
+    """--device as a torch.device that always carries an index on CUDA (torch.cuda.set_device refuses a bare 'cuda').
+
+    None: cuda when a GPU is visible, else cpu. 'cuda': this process's GPU, i.e. its local rank in a multi-process run,
+    else GPU 0. 'cuda:N': GPU N of the visible ones (numbered after CUDA_VISIBLE_DEVICES), single process only: with
+    several processes each takes the GPU of its LOCAL_RANK, so an explicit index is refused there, on every rank."""
+    text = str(spec).strip().lower() if spec is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", text)
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise UserError(f"--device {spec!r}: use cpu, cuda or cuda:N")
+    if m.group(1) == "cpu":
+        return torch.device("cpu")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {text} but no CUDA GPU is visible ({seen}): pass --device cpu")
+    n = torch.cuda.device_count()
+    if world > 1:
+        if m.group(2) is not None:
+            raise UserError(f"--device {text} in a run of {world} processes: each process takes the GPU of its "
+                            f"LOCAL_RANK; pass --device cuda (or none) and choose GPUs with CUDA_VISIBLE_DEVICES")
+        index = local_rank
+        if index >= n:
+            raise UserError(f"LOCAL_RANK {local_rank} but only {n} GPU(s) are visible ({seen}): start at most {n} "
+                            f"processes per node (torchrun --nproc_per_node {n})")
+    else:
+        index = int(m.group(2) or 0)
+        if index >= n:
+            raise UserError(f"--device {text} but only {n} GPU(s) are visible, cuda:0 to cuda:{n - 1} ({seen})")
+    return torch.device("cuda", index)
+
+
+def setup_distributed(device: str | None = None) -> DistInfo:
+    """Read torchrun or SLURM variables (dist_env), pick this process's device (resolve_device) and join the process
+    group: NCCL on GPU, gloo on CPU. A single process is world size 1 with no process group."""
+    env = os.environ
+    rank, world, local = dist_env()
+    if world > 1 and not ("RANK" in env and "WORLD_SIZE" in env):     # SLURM: srun sets no rendezvous address
         env.setdefault("MASTER_PORT", "29500")
         if "MASTER_ADDR" not in env:
             raise UserError("SLURM run without MASTER_ADDR: export MASTER_ADDR=$(scontrol show hostnames "
                             "$SLURM_JOB_NODELIST | head -n 1) in the batch script")
-    else:
-        rank, world, local = 0, 1, 0
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, local, world)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but no CUDA GPU is visible: pass --device cpu")
-        if world > 1 or dev.index is None:
-            dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     info = DistInfo(rank, world, local, dev)
     if world > 1 and not dist.is_initialized():
@@ -1845,6 +1885,8 @@ def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
     overflowing gradients is GradScaler's ordinary skip (its scale is lowered, counted in amp_skipped); a non-finite
     loss leaves the scale as it was too. The same all-reduce carries
     `stop_pending` (a pre-emption signal on this rank), so all ranks agree to stop after the same step."""
+    if run.cfg.compile and run.cfg.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()   # a new step: the CUDA graphs may reuse the last step's memory
     buffers = snapshot_buffers(run.networks())
     fwd = compute_loss(run, state, x, y)
     for opt in run.optimizers():
@@ -1938,6 +1980,7 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
         run.policy.train()
     total = len(loader) + start_step
     loss_sum, n_ok = torch.zeros((), device=dev), 0
+    amp_skipped_at_start = state.amp_skipped
     t_epoch = t_last = time.perf_counter()
     data_time, seen = 0.0, 0
     last_batch = None
@@ -1957,14 +2000,18 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
                 x, y = run.mixup(x, y)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        amp_skipped_before = state.amp_skipped
         fwd, taken, stop = train_step(run, state, x, y, preemption is not None and preemption.signalled)
         if taken:
             loss_sum += fwd.loss.detach()
             n_ok += 1
-        else:
+        elif state.amp_skipped == amp_skipped_before:
             log(f"warning: non-finite step skipped (epoch {epoch} step {step}; {state.bad_in_a_row} in a row, "
-                f"{state.bad_total} in total)" if state.bad_in_a_row else
-                f"note: fp16 overflow, step skipped by GradScaler (epoch {epoch} step {step})")
+                f"{state.bad_total} in total)")
+        elif state.amp_skipped == 1:          # the run's first: explained once, later ones are only counted
+            log(f"note: fp16 overflow at epoch {epoch + 1} step {step + 1}: GradScaler skipped the step and lowered "
+                f"its loss scale. Expected a few times, mostly early in a run; further ones are counted silently "
+                f"(amp_skipped_steps in log.jsonl and a count at each epoch's end)")
         seen += x.shape[0]
         if cfg.save_masks and fwd.mask is not None:
             last_batch = (x[:8].detach().float().cpu(), fwd.mask[:8].detach().float().cpu())
@@ -1991,6 +2038,9 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
         if stop:
             raise TrainingStopped("stop requested by signal")
         t_last = time.perf_counter()
+    if state.amp_skipped > amp_skipped_at_start:
+        log(f"note: GradScaler skipped {state.amp_skipped - amp_skipped_at_start} fp16-overflow step(s) in epoch "
+            f"{epoch + 1} ({state.amp_skipped} in the run)")
     return {"loss_sum": loss_sum, "n_ok": n_ok, "last_batch": last_batch, "seconds": time.perf_counter() - t_epoch}
 
 
@@ -2355,6 +2405,25 @@ def find_checkpoint(cfg: Config, log) -> tuple[dict | None, str | None]:
     return ckpt, cfg.resume
 
 
+def use_channels_last(cfg: Config, device: torch.device) -> bool:
+    """--channels-last / --no-channels-last, else automatic: NHWC where it is faster, on CUDA under --amp (tensor-core
+    convolutions want NHWC; in fp32 on GPU and on CPU the gain is small or negative)."""
+    return bool(cfg.channels_last) if cfg.channels_last is not None else (device.type == "cuda" and cfg.amp)
+
+
+def sgd_implementation(device: torch.device) -> dict:
+    """The fastest SGD step a device has, as SGD keyword arguments: on CUDA one fused kernel for all parameters
+    (fused=True, torch >= 2.3), else torch's default (multi-tensor on CUDA, a per-parameter loop on CPU, whose
+    results the CPU tests pin). Same update rule either way."""
+    if device.type != "cuda":
+        return {"fused": None, "foreach": None}
+    return {"fused": True, "foreach": None}
+
+
+def make_sgd(params, device: torch.device, **kw) -> torch.optim.SGD:
+    return torch.optim.SGD(params, **kw, **sgd_implementation(device))
+
+
 def build_run(cfg: Config, info: DistInfo, num_classes: int, resuming: bool, log) -> tuple[Run, StepState]:
     """The networks (initial classifier weights from --finetune, or the heated model for phase finetune), SyncBN,
     device and memory format, SGD optimisers (policy lr = lr * policy_lr_ratio), schedulers, GradScaler, MixUp,
@@ -2382,9 +2451,9 @@ def build_run(cfg: Config, info: DistInfo, num_classes: int, resuming: bool, log
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=memory_format)
     policy = policy.to(dev, memory_format=memory_format) if policy is not None else None
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    pol_optimizer = (torch.optim.SGD(policy.parameters(), lr=cfg.lr * cfg.policy_lr_ratio, momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay) if policy is not None else None)
+    optimizer = make_sgd(model.parameters(), dev, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    pol_optimizer = (make_sgd(policy.parameters(), dev, lr=cfg.lr * cfg.policy_lr_ratio, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay) if policy is not None else None)
     scheduler, pol_scheduler = build_schedulers(cfg, optimizer, pol_optimizer)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "float16" else None
     run = Run(cfg, info, model, optimizer, scheduler, policy=policy, pol_optimizer=pol_optimizer,
@@ -2420,16 +2489,28 @@ def restore_run(run: Run, state: StepState, ckpt: dict, ckpt_path: str, steps_pe
     return start
 
 
+def compile_networks(run: Run) -> None:
+    """torch.compile the classifier and the policy (the networks only: the Beta sampling, the mask and the objective
+    stay eager, in float32). reduce-overhead also replays each network's kernels as CUDA graphs (see train_step)."""
+    mode = None if run.cfg.compile_mode == "default" else run.cfg.compile_mode
+    run.model = torch.compile(run.model, mode=mode)
+    run.policy = torch.compile(run.policy, mode=mode) if run.policy is not None else None
+
+
 def wrap_for_training(run: Run) -> None:
-    """DDP (after SyncBN, before compile) and torch.compile around the networks; run.*_raw stay the modules."""
+    """DDP (after SyncBN, before compile) and torch.compile around the networks; run.*_raw stay the modules. The SGD
+    implementation is set for this device again: a restored optimiser state carries the flags of the machine that
+    wrote it (a GPU's fused=True would fail on a CPU with an older torch)."""
+    for opt in run.optimizers():
+        for group in opt.param_groups:
+            group.update(sgd_implementation(run.info.device))
     if run.info.distributed:
         ids = [run.info.device.index] if run.info.device.type == "cuda" else None
         run.model = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
         if run.policy is not None:
             run.policy = nn.parallel.DistributedDataParallel(run.policy, device_ids=ids)
     if run.cfg.compile:
-        run.model = torch.compile(run.model)
-        run.policy = torch.compile(run.policy) if run.policy is not None else None
+        compile_networks(run)
 
 
 def log_header(cfg: Config, info: DistInfo, data: Data, log) -> None:
@@ -2574,6 +2655,7 @@ def main(cfg: Config) -> dict:
     validate_config(cfg)
     owns_group = not (dist.is_available() and dist.is_initialized())
     info = setup_distributed(cfg.device)
+    cfg = dataclasses.replace(cfg, channels_last=use_channels_last(cfg, info.device))
     try:
         return run_phase(cfg, info)
     finally:
@@ -2654,37 +2736,59 @@ def _authors_heated_step(model, policy, opt, pol_opt, base, x, y, cfg):
     pol_opt.step()
 
 
-def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
-    """Time, interleaved on one batch: (a) a baseline classifier step, (b) our heated step, (c) a classifier step on
-    a pre-made masked batch, (d) a policy step alone, (e) the mask pipeline alone, (f) the authors' heated step.
-    Prints medians and ratios and one JSON line; returns the numbers."""
-    validate_config(dataclasses.replace(cfg, phase="heated"))
-    info = DistInfo(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    dev = info.device
+def bench_device(cfg: Config, log=print) -> tuple[DistInfo, Callable]:
+    """The device of a bench process (its local rank's GPU under torchrun, see resolve_device), cuDNN autotuning on
+    CUDA, and its log: the first process prints, the others run silently on their own GPUs."""
+    rank, world, local = dist_env()
+    dev = resolve_device(cfg.device, local, world)
+    if rank != 0:
+        log = lambda *a, **k: None          # noqa: E731
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
     elif not cfg.no_malloc_tuning:
         tune_cpu_allocator(log)
+    return DistInfo(0, 1, local, dev), log
+
+
+def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
+    """Time, interleaved on one batch: (a) a baseline classifier step, (b) our heated step, (c) a classifier step on
+    a pre-made masked batch, (d) a policy step alone, (e) the mask pipeline alone, (f) the authors' heated step with
+    this run's memory format and optimiser (fp32: their code has no autocast), (g) the authors' heated step as they
+    ran it: fp32, contiguous memory, no compile, torch's default SGD, on separate copies of the networks.
+    (a)-(e) use the flags given (--amp, --amp-dtype, --channels-last, --compile, --policy-size).
+    Prints medians and ratios and one JSON line; returns the numbers."""
+    validate_config(dataclasses.replace(cfg, phase="heated"))
+    info, log = bench_device(cfg, log)
+    dev = info.device
     torch.manual_seed(cfg.seed)
     b, s, g = cfg.batch_size, cfg.train_crop_size, cfg.grid
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    hcfg = dataclasses.replace(cfg, phase="heated", noise="beta", channels_last=use_channels_last(cfg, dev))
+    fmt = torch.channels_last if hcfg.channels_last else torch.contiguous_format
     model = build_model(cfg.model, 1000).to(dev, memory_format=fmt)
     policy = PolicyNet(g, cfg.policy_model).to(dev, memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
-    pol_opt = torch.optim.SGD(policy.parameters(), lr=1e-5, momentum=0.9, weight_decay=1e-4)
+    opt = make_sgd(model.parameters(), dev, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    pol_opt = make_sgd(policy.parameters(), dev, lr=1e-5, momentum=0.9, weight_decay=1e-4)
+    authors_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    authors_policy = copy.deepcopy(policy).to(memory_format=torch.contiguous_format)
+    authors_opts = (torch.optim.SGD(authors_model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4),
+                    torch.optim.SGD(authors_policy.parameters(), lr=1e-5, momentum=0.9, weight_decay=1e-4))
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "float16" else None
-    hcfg = dataclasses.replace(cfg, phase="heated", noise="beta")
     run = Run(hcfg, info, model, opt, policy=policy, pol_optimizer=pol_opt, scaler=scaler)
     state = StepState(torch.rand(1, g * g, device=dev), torch.rand(1, g * g, device=dev))
     if cfg.compile:
-        run.model, run.policy = torch.compile(model), torch.compile(policy)
-    x = torch.randn(b, 3, s, s, device=dev).contiguous(memory_format=fmt)
+        compile_networks(run)
+    cuda_graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and dev.type == "cuda"
+    mark_step = torch.compiler.cudagraph_mark_step_begin if cuda_graphs else (lambda: None)
+    x_plain = torch.randn(b, 3, s, s, device=dev)
+    x = x_plain.contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (b,), device=dev)
-    x_masked = (x * make_mask(run, state, x)[0]).contiguous(memory_format=fmt)
+    x_masked = (x * make_mask(run, state, x)[0]).detach().contiguous(memory_format=fmt)
     base = [state.alpha_d.clone(), state.beta_d.clone()]
+    authors_base = [state.alpha_d.clone(), state.beta_d.clone()]
 
     def classifier_step(inp):
+        mark_step()
         with run.autocast():
             out = run.model(inp)
         loss = F.cross_entropy(out.float(), y)
@@ -2698,8 +2802,11 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
             opt.step()
 
     def policy_step():
+        mark_step()
+        x_policy = x if cfg.policy_size is None else F.interpolate(x, size=cfg.policy_size, mode="bilinear",
+                                                                   antialias=True)
         with run.autocast():
-            a, bb = run.policy(x)
+            a, bb = run.policy(x_policy)
         m, logp = sample_beta_mask(mix_image_params(state.alpha_d, a.float(), 0.9),
                                    mix_image_params(state.beta_d, bb.float(), 0.9))
         loss = torch.logsumexp(logp, 1).mean()
@@ -2722,7 +2829,9 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
         "classifier": lambda: classifier_step(x_masked),
         "policy": policy_step,
         "mask": mask_only,
-        "authors": lambda: _authors_heated_step(model, policy, opt, pol_opt, base, x, y, cfg),
+        "authors": lambda: _authors_heated_step(run.model_raw, run.policy_raw, opt, pol_opt, base, x, y, cfg),
+        "authors_fp32": lambda: _authors_heated_step(authors_model, authors_policy, *authors_opts, authors_base,
+                                                     x_plain, y, cfg),
     }
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -2745,20 +2854,33 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
     # so a machine whose speed drifts over minutes does not bias them.
     t = {k: np.asarray(v) for k, v in times.items()}
     res.update(heated_over_parts=round(float(np.median(t["heated"] / (t["classifier"] + t["policy"]))), 4),
+               heated_over_baseline=round(float(np.median(t["heated"] / t["baseline"])), 4),
                mask_share=round(float(np.median(t["mask"] / t["heated"])), 4),
                authors_over_heated=round(float(np.median(t["authors"] / t["heated"])), 4),
+               authors_fp32_over_heated=round(float(np.median(t["authors_fp32"] / t["heated"])), 4),
+               heated_img_s=round(b / med["heated"] * 1e3, 1),
                peak_mem_mb=round(_memory_mb(dev), 1))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    flags = dict(device=str(dev), device_name=name, torch=torch.__version__, model=cfg.model,
+                 policy_model=cfg.policy_model, batch_size=b, crop=s, grid=g,
+                 amp=str(run.autocast().fast_dtype).replace("torch.", "") if cfg.amp else "off",
+                 channels_last=hcfg.channels_last,
+                 compile=cfg.compile_mode if cfg.compile else "off", policy_size=cfg.policy_size, rounds=rounds,
+                 sgd="fused" if sgd_implementation(dev)["fused"] else "default")
     log(f"bench: {cfg.model} + policy {cfg.policy_model}, batch {b}, {s} px, grid {g}, kernel {cfg.kernel}, "
-        f"amp {cfg.amp_dtype if cfg.amp else 'off'}, device {dev} ({name}), median of {rounds}")
+        f"amp {flags['amp']}, channels-last {'on' if hcfg.channels_last else 'off'}, compile {flags['compile']}, "
+        f"policy size {cfg.policy_size or 'full'}, device {dev} ({name}), median of {rounds}")
     labels = {"baseline": "(a) baseline classifier step", "heated": "(b) heated step (ours)",
               "classifier": "(c) classifier step, masked batch", "policy": "(d) policy step alone",
-              "mask": "(e) mask pipeline alone", "authors": "(f) authors' heated step"}
+              "mask": "(e) mask pipeline alone", "authors": "(f) authors' heated step, these flags",
+              "authors_fp32": "(g) authors' step as they ran it"}
     for k, lab in labels.items():
-        log(f"  {lab:<36} {med[k]:9.2f} ms  [{iqr[k][0]:.1f}-{iqr[k][1]:.1f}]  {b / med[k] * 1e3:9.1f} img/s")
-    log(f"  heated / (classifier + policy) = {res['heated_over_parts']:.3f}   mask share of heated = "
-        f"{res['mask_share']:.4f}   authors / ours = {res['authors_over_heated']:.3f}   peak mem {res['peak_mem_mb']} MB")
-    log(json.dumps(res))
+        log(f"  {lab:<38} {med[k]:9.2f} ms  [{iqr[k][0]:.1f}-{iqr[k][1]:.1f}]  {b / med[k] * 1e3:9.1f} img/s")
+    log(f"  heated / (classifier + policy) = {res['heated_over_parts']:.3f}   heated / baseline = "
+        f"{res['heated_over_baseline']:.3f}   mask share of heated = {res['mask_share']:.4f}")
+    log(f"  authors / ours = {res['authors_over_heated']:.3f}   authors as they ran it (fp32, contiguous) / ours = "
+        f"{res['authors_fp32_over_heated']:.3f}   peak mem {res['peak_mem_mb']} MB")
+    log(json.dumps({**res, **flags}))
     return res
 
 
@@ -2771,6 +2893,9 @@ def bench_data(cfg: Config, batches: int = 50, log=print) -> dict:
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.workers, persistent_workers=False,
                                          collate_fn=collate_skip_none if cfg.skip_bad_images else None)
+    if len(loader) < 2:
+        raise UserError(f"--bench-data: {len(ds)} training images make {len(loader)} batch(es) of {cfg.batch_size}; "
+                        f"the timing needs at least 2: lower --batch-size")
     n, t0, it = 0, None, iter(loader)
     for i in range(min(batches + 2, len(loader))):
         x, _ = next(it)
@@ -2780,6 +2905,78 @@ def bench_data(cfg: Config, batches: int = 50, log=print) -> dict:
     el = time.perf_counter() - t0 if t0 else float("nan")
     res = {"images_per_s": round(n / el, 1), "workers": cfg.workers, "batch_size": cfg.batch_size, "images": n}
     log(f"bench-data: {cfg.data_path or 'synthetic'}: {res['images_per_s']} images/s with {cfg.workers} workers")
+    log(json.dumps(res))
+    return res
+
+
+def bench_e2e(cfg: Config, steps: int = 150, log=print) -> dict:
+    """End to end: images/s of heated training steps fed by the data loader from --data-path (decode, augmentation,
+    collation, pinned copy to the device, with --workers processes), over images/s of the same step on one batch
+    already on the device, in the same process. ratio 1.0: the loader is never waited for.
+
+    The first max(20, 3 x workers) steps are not timed (start-up, cuDNN autotuning, compilation, and long enough for
+    a loader slower than the step to have emptied its prefetch queue); the timed steps run on across epoch ends as a
+    real run does. data_wait_share is the timed share spent waiting for batches."""
+    validate_config(cfg)
+    info, log = bench_device(cfg, log)
+    dev = info.device
+    cfg = dataclasses.replace(cfg, channels_last=use_channels_last(cfg, dev),
+                              output_dir=cfg.output_dir or os.path.join("runs", "bench_e2e"))
+    configure_runtime(cfg, info, log)
+    data = build_data(cfg, info)
+    run, state = build_run(cfg, info, data.num_classes, False, log)
+    wrap_for_training(run)
+    run.model.train()
+    if run.policy is not None:
+        run.policy.train()
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    warm = max(20, 3 * cfg.workers)
+
+    def to_device(x, y):
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        return (x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x), y
+
+    done, epoch, wait, first = 0, 0, 0.0, None
+    t0 = t_end = time.perf_counter()
+    while done < warm + steps:
+        data.sampler.set_epoch(epoch)
+        it = iter(data.train_loader)
+        while done < warm + steps:
+            t_wait = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                break
+            if done >= warm:
+                wait += time.perf_counter() - t_wait
+            x, y = to_device(*batch)
+            first = first or (x, y)
+            train_step(run, state, x, y)
+            done += 1
+            if done == warm:
+                sync()
+                t0 = time.perf_counter()
+        epoch += 1
+    sync()
+    t_end = time.perf_counter()
+    loader_s = t_end - t0
+    x, y = first
+    for i in range(warm // 2 + steps):         # the same step on a resident batch: what the device alone allows
+        if i == warm // 2:
+            sync()
+            t0 = time.perf_counter()
+        train_step(run, state, x, y)
+    sync()
+    resident_s = time.perf_counter() - t0
+    b = cfg.batch_size
+    res = {"e2e_img_s": round(steps * b / loader_s, 1), "resident_img_s": round(steps * b / resident_s, 1),
+           "e2e_over_resident": round(resident_s / loader_s, 4), "data_wait_share": round(wait / loader_s, 4),
+           "workers": cfg.workers, "batch_size": b, "steps": steps, "epochs_touched": epoch,
+           "device": str(dev), "amp": str(run.autocast().fast_dtype).replace("torch.", "") if cfg.amp else "off",
+           "channels_last": cfg.channels_last,
+           "compile": cfg.compile_mode if cfg.compile else "off", "cpu_count": os.cpu_count()}
+    log(f"bench-e2e: {cfg.model} heated, batch {b}, {cfg.train_crop_size} px, {cfg.workers} workers, {steps} timed "
+        f"steps on {dev}: {res['e2e_img_s']} img/s from {cfg.data_path} vs {res['resident_img_s']} img/s on a "
+        f"resident batch = {res['e2e_over_resident']:.3f} (waiting for data {100 * res['data_wait_share']:.1f}%)")
     log(json.dumps(res))
     return res
 
@@ -2797,6 +2994,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
         help_ = f"{f.metadata['help']} (default: {f.default})"
+        if f.type == "bool | None":              # tri-state: --flag / --no-flag / absent = automatic
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
+            continue
         if f.type in ("bool", bool):
             p.add_argument(*flags, dest=f.name, action="store_true", help=help_)
             continue
@@ -2810,6 +3010,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "authors' model_87..89.pth) into --average-output, and exit")
     p.add_argument("--average-output", metavar="PATH", help="where --average writes (default: model_avgN.pth next to "
                    "the first file)")
+    p.add_argument("--bench-e2e", metavar="PATH", help="heated training steps fed from this ImageFolder with --workers "
+                   "loader processes, over the same step on a batch already on the device (see bench_e2e())")
+    p.add_argument("--bench-steps", type=int, help="--bench-e2e: timed steps (default 150)")
     return p
 
 
@@ -2827,12 +3030,17 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.error = _one_line_usage_error
     args = vars(parser.parse_args(argv))
     do_bench, bench_path, rounds = args.pop("bench", False), args.pop("bench_data", None), args.pop("bench_rounds", 20)
+    e2e_path, e2e_steps = args.pop("bench_e2e", None), args.pop("bench_steps", 150)
     phase = args.pop("phase", "heated")
     average, average_output = args.pop("average", None), args.pop("average_output", None)
     try:
         if average:
             average_checkpoints(average, average_output or os.path.join(os.path.dirname(os.path.abspath(average[0])),
                                                                         f"model_avg{len(average)}.pth"))
+            return 0
+        if e2e_path is not None:
+            args["data_path"] = e2e_path
+            bench_e2e(make_config("heated", **args), steps=e2e_steps)
             return 0
         if bench_path is not None:
             args["data_path"] = bench_path

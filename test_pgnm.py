@@ -8,6 +8,7 @@ phases end to end -> distributed -> resume -> GPU/AMP (skipped without CUDA).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -1681,21 +1682,274 @@ def test_bf16_training_runs_end_to_end(tmp_path):
     assert read_log(str(tmp_path))[0]["bad_steps"] == 0
 
 
+# --- devices: what a --device string becomes, tested without a GPU by pretending one ------------------------------
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """torch.cuda pretends n GPUs are visible; set_device only records (no CUDA call is ever made)."""
+    calls = []
+
+    def install(n=2):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)   # restored after
+        return calls
+    return install
+
+
+def test_device_strings_resolve_to_indexed_cuda_devices(fake_gpus):
+    fake_gpus(2)
+    cases = {(None, 0, 1): "cuda:0", ("cuda", 0, 1): "cuda:0", ("cuda:1", 0, 1): "cuda:1", (" CUDA:1 ", 0, 1): "cuda:1",
+             ("cuda", 1, 2): "cuda:1", (None, 1, 2): "cuda:1", ("cpu", 1, 2): "cpu"}
+    for (spec, local, world), want in cases.items():
+        dev = pgnm.resolve_device(spec, local, world)
+        assert dev == torch.device(want), (spec, local, world)
+        assert dev.type == "cpu" or dev.index is not None            # torch.cuda.set_device needs the index
+    for spec, local, world, needle in [("cuda:2", 0, 1, "only 2 GPU(s)"), ("cuda:0", 0, 2, "LOCAL_RANK"),
+                                       ("cuda", 3, 4, "LOCAL_RANK 3 but only 2"), ("tpu", 0, 1, "cpu, cuda or cuda:N"),
+                                       ("cuda:x", 0, 1, "cpu, cuda or cuda:N"), ("gpu", 0, 1, "cpu, cuda or cuda:N")]:
+        with pytest.raises(pgnm.UserError, match=re.escape(needle)):
+            pgnm.resolve_device(spec, local, world)
+
+
+def test_device_without_a_gpu(fake_gpus, monkeypatch):
+    fake_gpus(0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert pgnm.resolve_device(None) == torch.device("cpu")
+    with pytest.raises(pgnm.UserError, match="no CUDA GPU is visible.*CUDA_VISIBLE_DEVICES=''.*--device cpu"):
+        pgnm.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("spec", [None, "cuda", "cuda:1"])
+def test_setup_distributed_and_bench_give_set_device_an_index(fake_gpus, monkeypatch, spec):
+    """The crash of issue 11: torch.cuda.set_device(torch.device('cuda')) raises; every entry point passes an index,
+    also as a single torchrun process (RANK/WORLD_SIZE/LOCAL_RANK set, world size 1)."""
+    calls = fake_gpus(2)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    info = pgnm.setup_distributed(spec)
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "1"), monkeypatch.setenv("LOCAL_RANK", "0")
+    info_torchrun = pgnm.setup_distributed(spec)
+    bench_info, _ = pgnm.bench_device(pgnm.Config(device=spec), log=lambda *a: None)
+    want = torch.device("cuda", 1 if spec == "cuda:1" else 0)
+    assert info.device == info_torchrun.device == bench_info.device == want
+    assert calls == [want] * 3 and all(isinstance(c, torch.device) and c.index is not None for c in calls)
+
+
+def test_channels_last_default_is_on_for_cuda_with_amp_only():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert pgnm.use_channels_last(tiny(amp=True), cuda) is True
+    assert pgnm.use_channels_last(tiny(amp=False), cuda) is False
+    assert pgnm.use_channels_last(tiny(amp=True), cpu) is False
+    assert pgnm.use_channels_last(tiny(amp=True, channels_last=False), cuda) is False
+    assert pgnm.use_channels_last(tiny(channels_last=True), cpu) is True
+    parse = lambda *a: vars(pgnm.build_parser().parse_args(list(a)))       # noqa: E731
+    assert parse("--no-channels-last")["channels_last"] is False and parse("--channels-last")["channels_last"] is True
+    assert "channels_last" not in parse()                                   # absent: the automatic rule decides
+
+
+def test_sgd_is_fused_on_cuda_and_a_restored_gpu_state_runs_on_cpu(tmp_path, one_thread):
+    assert pgnm.sgd_implementation(torch.device("cuda", 0)) == {"fused": True, "foreach": None}
+    assert pgnm.sgd_implementation(torch.device("cpu")) == {"fused": None, "foreach": None}
+    cfg = tiny(output_dir=str(tmp_path))
+    run, state = pgnm.build_run(cfg, pgnm.DistInfo(), 24, False, lambda *a: None)
+    for opt in run.optimizers():                  # as loaded from a checkpoint written on a GPU
+        opt.param_groups[0]["fused"] = True
+    pgnm.wrap_for_training(run)
+    assert all(g["fused"] is None for opt in run.optimizers() for g in opt.param_groups)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 24, (8,))
+    before = [p.detach().clone() for p in run.parameters()]
+    _, taken, _ = pgnm.train_step(run, state, x, y)
+    assert taken and any(not torch.equal(a, p) for a, p in zip(before, run.parameters()))
+
+
+def test_fp16_overflow_is_explained_once_then_counted(tmp_path, monkeypatch, capsys, one_thread):
+    real = pgnm.train_step
+    calls = []
+
+    def overflow_on_steps_1_and_2(run, state, x, y, *a):
+        calls.append(1)
+        fwd, taken, stop = real(run, state, x, y, *a)
+        if len(calls) in (2, 3):                 # what train_step reports for a GradScaler skip
+            state.amp_skipped += 1
+            return fwd, False, stop
+        return fwd, taken, stop
+    monkeypatch.setattr(pgnm, "train_step", overflow_on_steps_1_and_2)
+    pgnm.main(tiny(output_dir=str(tmp_path), synthetic_per_class=1))       # 24 images, 3 steps
+    out = capsys.readouterr().out
+    assert out.count("fp16 overflow") == 1 and "fp16 overflow at epoch 1 step 2" in out
+    assert "GradScaler skipped 2 fp16-overflow step(s) in epoch 1 (2 in the run)" in out
+    assert read_log(str(tmp_path))[0]["amp_skipped_steps"] == 2
+
+
+def test_compile_modes_reach_torch_compile_and_train(tmp_path, monkeypatch, one_thread):
+    """--compile --compile-mode M compiles both networks with mode M. The compiler here is dynamo + AOTAutograd
+    without code generation (aot_eager: the graphs torch.compile would hand to inductor, run eagerly), so the test
+    takes seconds on a CPU; the inductor build itself runs in tools/gpu_check.sh."""
+    seen = []
+    real = torch.compile
+
+    def compile_spy(model, mode=None, **kw):
+        seen.append(mode)
+        return real(model, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    torch._dynamo.reset()
+    res = pgnm.main(tiny(output_dir=str(tmp_path), compile=True, compile_mode="reduce-overhead",
+                         synthetic_per_class=1))
+    assert seen == ["reduce-overhead", "reduce-overhead"] and math.isfinite(res["val_loss"])
+    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in [*ck["model"], *ck["policy_net"]])
+    with pytest.raises(pgnm.UserError, match="--compile-mode 'fast'"):
+        pgnm.main(tiny(output_dir=str(tmp_path / "bad"), compile=True, compile_mode="fast"))
+
+
+@pytest.fixture
+def one_thread():
+    """Timing code on a shared 2-core machine: one thread, or OpenMP's spinning threads wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+BENCH_KEYS = {"baseline_ms", "heated_ms", "classifier_ms", "policy_ms", "mask_ms", "authors_ms", "authors_fp32_ms",
+              "heated_over_parts", "heated_over_baseline", "mask_share", "authors_over_heated",
+              "authors_fp32_over_heated", "heated_img_s", "peak_mem_mb"}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(amp=True, policy_size=16, channels_last=True)])
+def test_bench_reports_every_time_and_ratio(kw, one_thread, capsys):
+    cfg = pgnm.Config(device="cpu", model="resnet10t", batch_size=2, train_crop_size=32, grid=8, kernel=3, sigma=1.0,
+                      **kw)
+    res = pgnm.bench(cfg, rounds=2, warmup=1)
+    assert set(res) == BENCH_KEYS
+    assert all(math.isfinite(v) and v > 0 for v in res.values())
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert BENCH_KEYS <= set(line) and line["device"] == "cpu"
+    assert line["channels_last"] is bool(kw) and line["policy_size"] == kw.get("policy_size")
+
+
+def test_bench_e2e_from_png_files(tmp_path, one_thread):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_png_folder", os.path.join(HERE, "tools", "make_png_folder.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    counts = tool.make_png_folder(str(tmp_path / "pngs"), size=40, per_class=1, copies=2, val_per_class=1)
+    assert counts == {"train": 48, "val": 24}
+    assert len(os.listdir(tmp_path / "pngs" / "train")) == 24
+    cfg = pgnm.make_config("heated", data_path=str(tmp_path / "pngs"), device="cpu", model="resnet10t",
+                           batch_size=8, train_crop_size=32, val_resize_size=32, val_crop_size=32, grid=8, kernel=3,
+                           sigma=1.0, workers=0, output_dir=str(tmp_path / "out"))
+    res = pgnm.bench_e2e(cfg, steps=3)
+    assert res["steps"] == 3 and res["epochs_touched"] >= 4      # 20 untimed + 3 timed steps of 6 per epoch
+    for k in ("e2e_img_s", "resident_img_s", "e2e_over_resident"):
+        assert math.isfinite(res[k]) and res[k] > 0
+    assert 0 <= res["data_wait_share"] < 1
+
+
+# --- GPU: skipped without CUDA; tools/gpu_check.sh runs them ---------------------------------------------------------
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_gradscaler_on_gpu(tmp_path):
     res = pgnm.main(tiny(output_dir=str(tmp_path), amp=True, device="cuda", epochs=2))
-    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
     assert math.isfinite(res["val_loss"])
+    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    rec = read_log(str(tmp_path))[-2]
+    # no growth within 2000 steps, so the scale is the initial 2^16 halved once per skipped step (an overflow in the
+    # backward is a GradScaler skip; one in the loss itself is a bad step, and halves the scale too)
+    assert ck["scaler"]["scale"] == 65536.0 * 0.5 ** (rec["amp_skipped_steps"] + rec["bad_steps"])
     run, state = _extreme_run(tiny(amp=True, device="cuda"))
-    run.info = pgnm.DistInfo(device=torch.device("cuda"))
+    run.info = pgnm.DistInfo(device=torch.device("cuda", 0))
     run.model.cuda(), run.policy.cuda()
     state.alpha_d, state.beta_d = state.alpha_d.cuda(), state.beta_d.cuda()
     run.scaler = torch.amp.GradScaler("cuda")
-    fwd, ok, _ = pgnm.train_step(run, state, torch.randn(8, 3, 32, 32, device="cuda"),
-                                 torch.randint(0, 24, (8,), device="cuda"))
+    before = [p.detach().clone() for p in run.parameters()]
+    fwd, taken, _ = pgnm.train_step(run, state, torch.randn(8, 3, 32, 32, device="cuda"),
+                                    torch.randint(0, 24, (8,), device="cuda"))
     assert torch.isfinite(fwd.loss)
+    assert taken or state.amp_skipped == 1                        # a skip is a GradScaler skip, not a bad step
+    assert state.bad_total == 0
+    changed = any(not torch.equal(a, p) for a, p in zip(before, run.parameters()))
+    assert changed == taken
     assert all(torch.isfinite(p).all() for p in run.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_amp_resume_restores_the_scaler_state_on_gpu(tmp_path, monkeypatch):
+    pgnm.main(tiny(output_dir=str(tmp_path), amp=True, device="cuda", epochs=1))
+    path = tmp_path / "checkpoint.pth"
+    ck = torch.load(path, weights_only=True)
+    ck["scaler"]["scale"], ck["scaler"]["_growth_tracker"] = 1024.0, 7      # values no fresh scaler has
+    torch.save(ck, path)
+    seen = {}
+    real = pgnm.restore_checkpoint
+
+    def spy(run, state, *a):
+        real(run, state, *a)
+        seen.update(scale=run.scaler.get_scale(), tracker=run.scaler.state_dict()["_growth_tracker"])
+    monkeypatch.setattr(pgnm, "restore_checkpoint", spy)
+    pgnm.main(tiny(output_dir=str(tmp_path), amp=True, device="cuda", epochs=2, resume="auto"))
+    assert seen == {"scale": 1024.0, "tracker": 7}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_amp_run_uses_channels_last_and_fused_sgd_on_gpu(tmp_path):
+    cfg = tiny(output_dir=str(tmp_path), amp=True, device="cuda")
+    info = pgnm.setup_distributed("cuda")
+    cfg = dataclasses.replace(cfg, channels_last=pgnm.use_channels_last(cfg, info.device))
+    run, state = pgnm.build_run(cfg, info, 24, False, lambda *a: None)
+    pgnm.wrap_for_training(run)
+    assert cfg.channels_last and info.device.index == 0
+    conv = run.model_raw.layer1[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert all(g["fused"] is True for o in run.optimizers() for g in o.param_groups)
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 24, (8,), device="cuda")
+    before = [p.detach().clone() for p in run.parameters()]
+    for _ in range(10):                  # the first steps may overflow at GradScaler's initial scale
+        _, taken, _ = pgnm.train_step(run, state, x.contiguous(memory_format=torch.channels_last), y)
+        if taken:
+            break
+    assert taken and any(not torch.equal(a, p) for a, p in zip(before, run.parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_sgd_step_equals_the_default_step_on_gpu():
+    torch.manual_seed(0)
+    a = pgnm.build_model("resnet10t", 24).cuda()
+    b = pgnm.build_model("resnet10t", 24).cuda()
+    b.load_state_dict(a.state_dict())
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    oa, ob = pgnm.make_sgd(a.parameters(), torch.device("cuda", 0), **kw), torch.optim.SGD(b.parameters(), **kw)
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 24, (8,), device="cuda")
+    for _ in range(3):
+        for net, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa.float(), pb.float(), rtol=1e-4, atol=1e-5), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_runs_on_a_bare_cuda_device_on_gpu(capsys):
+    cfg = pgnm.Config(device="cuda", model="resnet10t", batch_size=4, train_crop_size=64, grid=16, kernel=5, sigma=2.0,
+                      amp=True)
+    res = pgnm.bench(cfg, rounds=2, warmup=1)
+    assert set(res) == BENCH_KEYS and all(math.isfinite(v) and v > 0 for v in res.values())
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["device"] == "cuda:0" and line["channels_last"] is True and line["sgd"] == "fused"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deterministic_gpu_runs_are_identical(tmp_path):
+    for name in ("a", "b"):
+        pgnm.main(tiny(output_dir=str(tmp_path / name), amp=True, device="cuda", deterministic=True))
+    wa = torch.load(tmp_path / "a" / "model_heated.pth", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "model_heated.pth", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
