@@ -35,6 +35,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import io
@@ -1673,9 +1674,10 @@ def clean_temp_files(output_dir: str, log=print) -> None:
 @contextlib.contextmanager
 def output_dir_lock(output_dir: str, log=print):
     """Hold an exclusive lock on <output_dir>/.lock for the run, so that a second run in the same folder is refused
-    instead of interleaving log.jsonl and overwriting checkpoints. The lock is the OS's (flock): it goes when the
-    process dies, however it dies, so a killed run leaves nothing stuck. Where the file system has no locks (some
-    Lustre mounts) or the OS has no flock (Windows), the run goes on with a note."""
+    instead of interleaving log.jsonl and overwriting checkpoints. The lock is a POSIX record lock (lockf): it goes
+    when the process dies, however it dies, so a killed run leaves nothing stuck, and unlike flock it is not shared
+    with forked DataLoader workers, which may outlive a SIGKILLed parent by seconds. Where the file system has no
+    locks (some Lustre mounts) or the OS has none (Windows), the run goes on with a note."""
     try:
         import fcntl
     except ImportError:
@@ -1690,13 +1692,14 @@ def output_dir_lock(output_dir: str, log=print):
                         f"read-only?") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"--output-dir {output_dir} is in use by another run (pid {holder}): wait for it to end, "
-                            f"or choose another --output-dir") from None
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            log(f"note: cannot lock {path} ({e.strerror}): nothing stops a second run in the same --output-dir")
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                log(f"note: cannot lock {path} ({e.strerror}): nothing stops a second run in the same --output-dir")
+            else:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                raise UserError(f"--output-dir {output_dir} is in use by another run (pid {holder}): wait for it to "
+                                f"end, or choose another --output-dir") from None
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else '?'}\n".encode(), 0)
