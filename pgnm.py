@@ -135,8 +135,8 @@ class Config:
     channels_last: bool = _f(False, "NHWC memory format (faster convolutions under AMP on tensor cores)")
     compile: bool = _f(False, "torch.compile both networks (saved keys never carry the wrapper prefix)")
     deterministic: bool = _f(False, "bit-reproducible runs: deterministic kernels, no cuDNN autotuning")
-    no_malloc_tuning: bool = _f(False, "on CPU, leave glibc's allocator as it is (by default its mmap/trim "
-                                       "thresholds are raised so freed activations are reused, see README)")
+    no_malloc_tuning: bool = _f(False, "on CPU, keep glibc's allocator defaults (otherwise a CPU run raises its "
+                                       "mmap/trim thresholds so freed activations are reused, and says so at start)")
     # --- logging -----------------------------------------------------------------------------------------------------
     print_freq: int = _f(10, "progress line every N steps")
     save_masks: bool = _f(False, "write masks_epochNNN.png (images, masks, masked images) every epoch")
@@ -183,6 +183,55 @@ def make_config(phase: str = "heated", **overrides) -> Config:
     values.update(overrides)
     values["phase"] = phase
     return Config(**values)
+
+
+def default_output_dir(phase: str) -> str:
+    return os.path.join("runs", phase)
+
+
+def preset_name(cfg: Config) -> str:
+    """The preset make_config applied on top of the paper's defaults, in words (printed at start)."""
+    if cfg.data_path is None:
+        return "synthetic CPU demo (no --data-path)"
+    return "finetune (the authors' recipe)" if cfg.phase == "finetune" else "none (the paper's defaults)"
+
+
+def config_differences(cfg: Config) -> dict:
+    """The fields whose values differ from the paper's defaults (Config's), in field order. The phase and the
+    default output directory runs/<phase> are not differences."""
+    ref = Config()
+    out = {}
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name == "phase" or (f.name == "output_dir" and value in (None, default_output_dir(cfg.phase))):
+            continue
+        if value != getattr(ref, f.name):
+            out[f.name] = value
+    return out
+
+
+def format_value(value) -> str:
+    """A config value as --help and the start-up line print it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def help_defaults(name: str) -> str:
+    """A field's defaults for --help, derived from make_config so the help cannot drift from what a run uses:
+    'default X' (the paper's), then each preset that changes it ('finetune: Y' with --data-path; 'demo: Z' without),
+    e.g. 'default 0.1; finetune: 0.001; demo: 0.02 heated / 0.01 finetune / 0.1 baseline'."""
+    default = format_value(next(f.default for f in dataclasses.fields(Config) if f.name == name))
+    real = {p: format_value(getattr(make_config(p, data_path="DATA"), name)) for p in PHASES}
+    demo = {p: format_value(getattr(make_config(p), name)) for p in PHASES}
+    parts = [f"default {default}"]
+    parts += [f"{p}: {v}" for p, v in real.items() if v != default]
+    if demo != real:
+        values = set(demo.values())
+        parts.append("demo: " + (values.pop() if len(values) == 1 else " / ".join(f"{v} {p}" for p, v in demo.items())))
+    return "; ".join(parts)
 
 
 def validate_config(cfg: Config) -> None:
@@ -2216,14 +2265,26 @@ def bench_data(cfg: Config, batches: int = 50, log=print) -> dict:
 # =====================================================================================================================
 
 
+HELP_EPILOG = """\
+defaults: "default" is the paper's recipe (heated and baseline with --data-path). Two presets change some values:
+  finetune  --phase finetune with --data-path: the authors' finetune recipe
+  demo      no --data-path: the built-in synthetic scans with a CPU-sized run (resnet10t, 64 px, 3-5 epochs)
+Flags given on the command line override both. At start pgnm.py prints the preset in force and every value that
+differs from the paper's defaults, and writes the whole configuration to <output-dir>/config.json."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags from Config's fields (authors' names kept: --data-path, -b/--batch-size, --wd, --grid, --kernel, ...).
     Every default is argparse.SUPPRESS so that only flags given on the command line override the presets."""
-    p = argparse.ArgumentParser(prog="pgnm.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="pgnm.py", description=__doc__.split("\n\n")[0], epilog=HELP_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
-        help_ = f"{f.metadata['help']} (default: {f.default})"
+        help_ = f.metadata["help"]
+        if f.name == "phase":
+            help_ += f" (default {f.default})"
+        elif f.name != "data_path" and not (f.default is None and "default" in help_):
+            help_ += f" ({help_defaults(f.name)})"
         if f.type in ("bool", bool):
             p.add_argument(*flags, dest=f.name, action="store_true", help=help_)
             continue
