@@ -135,8 +135,8 @@ class Config:
     channels_last: bool = _f(False, "NHWC memory format (faster convolutions under AMP on tensor cores)")
     compile: bool = _f(False, "torch.compile both networks (saved keys never carry the wrapper prefix)")
     deterministic: bool = _f(False, "bit-reproducible runs: deterministic kernels, no cuDNN autotuning")
-    no_malloc_tuning: bool = _f(False, "on CPU, keep glibc's allocator defaults (otherwise a CPU run raises its "
-                                       "mmap/trim thresholds so freed activations are reused, and says so at start)")
+    no_malloc_tuning: bool = _f(False, "on CPU, leave glibc's allocator settings alone (otherwise a CPU run raises "
+                                       "its mmap/trim thresholds so freed activations are reused, and says so at start)")
     # --- logging -----------------------------------------------------------------------------------------------------
     print_freq: int = _f(10, "progress line every N steps")
     save_masks: bool = _f(False, "write masks_epochNNN.png (images, masks, masked images) every epoch")
