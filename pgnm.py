@@ -1929,7 +1929,7 @@ def save_curves(log_path: str, path: str) -> bool:
         ax = axes[4]
         per_image = np.array([r.get("mask_mean_images", [np.nan]) for r in recs], dtype=float)
         for j in range(per_image.shape[1]):
-            ax.plot(ep, per_image[:, j], "-", lw=1, alpha=0.7, label="fixed images" if j == 0 else None)
+            ax.plot(ep, per_image[:, j], "-", lw=1, alpha=0.7, label="fixed images, one line each" if j == 0 else None)
         ax.plot(ep, col("mask_mean_dataset"), "k-", lw=2.5, label="dataset-level")
         ax.set_title("expected mask value E[M]")
         ax = axes[5]
@@ -2303,7 +2303,8 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log) -
                 run.pol_scheduler.step()
             bad_images = data.train.bad_count.value - bad0 if data.train.bad_count is not None else None
             rec = epoch_record(run, state, data, epoch, stats, meter, bad_images)
-            masks = policy_masks(run, state, fixed.x) if fixed is not None else None
+            follow = fixed is not None and (run.policy is not None or cfg.save_masks)
+            masks = policy_masks(run, state, fixed.x) if follow else None
             if masks is not None and masks[1] is not None:
                 rec.update(mask_statistics(masks[1], state.alpha_d.cpu(), state.beta_d.cpu()))
             if run.info.is_main:       # the line first: a run killed before the checkpoint re-trains the epoch,
