@@ -48,7 +48,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -145,8 +145,8 @@ class Config:
     compile_mode: str = _f("default", "torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead "
                                       "(captures the networks in CUDA graphs; experimental, see README 'Speed')")
     deterministic: bool = _f(False, "bit-reproducible runs: deterministic kernels, no cuDNN autotuning")
-    no_malloc_tuning: bool = _f(False, "on CPU, leave glibc's allocator as it is (by default its mmap/trim "
-                                       "thresholds are raised so freed activations are reused, see README)")
+    no_malloc_tuning: bool = _f(False, "on CPU, leave glibc's allocator settings alone (otherwise a CPU run raises "
+                                       "its mmap/trim thresholds so freed activations are reused, and says so at start)")
     # --- logging -----------------------------------------------------------------------------------------------------
     print_freq: int = _f(10, "progress line every N steps")
     save_masks: bool = _f(False, "write masks_epochNNN.png (images, masks, masked images) every epoch")
@@ -194,6 +194,55 @@ def make_config(phase: str = "heated", **overrides) -> Config:
     values.update(overrides)
     values["phase"] = phase
     return Config(**values)
+
+
+def default_output_dir(phase: str) -> str:
+    return os.path.join("runs", phase)
+
+
+def preset_name(cfg: Config) -> str:
+    """The preset make_config applied on top of the paper's defaults, in words (printed at start)."""
+    if cfg.data_path is None:
+        return "synthetic CPU demo (no --data-path)"
+    return "finetune (the authors' recipe)" if cfg.phase == "finetune" else "none (the paper's defaults)"
+
+
+def config_differences(cfg: Config) -> dict:
+    """The fields whose values differ from the paper's defaults (Config's), in field order. The phase and the
+    default output directory runs/<phase> are not differences."""
+    ref = Config()
+    out = {}
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name == "phase" or (f.name == "output_dir" and value in (None, default_output_dir(cfg.phase))):
+            continue
+        if value != getattr(ref, f.name):
+            out[f.name] = value
+    return out
+
+
+def format_value(value) -> str:
+    """A config value as --help and the start-up line print it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def help_defaults(name: str) -> str:
+    """A field's defaults for --help, derived from make_config so the help cannot drift from what a run uses:
+    'default X' (the paper's), then each preset that changes it ('finetune: Y' with --data-path; 'demo: Z' without),
+    e.g. 'default 0.1; finetune: 0.001; demo: 0.02 heated / 0.01 finetune / 0.1 baseline'."""
+    default = format_value(next(f.default for f in dataclasses.fields(Config) if f.name == name))
+    real = {p: format_value(getattr(make_config(p, data_path="DATA"), name)) for p in PHASES}
+    demo = {p: format_value(getattr(make_config(p), name)) for p in PHASES}
+    parts = [f"default {default}"]
+    parts += [f"{p}: {v}" for p, v in real.items() if v != default]
+    if demo != real:
+        values = set(demo.values())
+        parts.append("demo: " + (values.pop() if len(values) == 1 else " / ".join(f"{v} {p}" for p, v in demo.items())))
+    return "; ".join(parts)
 
 
 def validate_config(cfg: Config) -> None:
@@ -1363,6 +1412,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 CHECKPOINT = "checkpoint.pth"
 CHECKPOINT_PREV = "checkpoint_prev.pth"
+CONFIG_JSON = "config.json"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -1504,6 +1554,15 @@ def verify_and_load(path: str) -> dict:
         if bad:
             raise CorruptCheckpoint(f"non-finite values in {', '.join(bad[:3])}")
     return obj
+
+
+def write_json_atomic(obj, path: str) -> None:
+    """JSON text through a temp file and os.replace, like atomic_save (config.json)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
 
 
 def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
@@ -1962,6 +2021,24 @@ class Preemption:
         return False
 
 
+class RunClock:
+    """The whole phase's remaining time from measured times: seconds per training step (this epoch so far) and the
+    last epoch's time outside the training loop (evaluation, checkpoint, figures), which also prices the final test
+    evaluation (scaled by the test/val sizes). Until one evaluation is timed the ETA is a lower bound, shown as '>='."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, test_share: float):
+        self.epochs, self.steps_per_epoch, self.test_share = epochs, steps_per_epoch, test_share
+        self.outside: float | None = None     # seconds per epoch outside train_one_epoch, last measured
+
+    def remaining(self, epoch: int, sec_per_step: float, steps_left: int, evaluated: bool = False) -> str:
+        """Time to the phase's end with `steps_left` steps of epoch `epoch` (0-based) to go, e.g. '0:02:10'."""
+        later = self.epochs - epoch - 1
+        outside = self.outside or 0.0
+        secs = ((steps_left + later * self.steps_per_epoch) * sec_per_step
+                + outside * ((0 if evaluated else 1) + later + self.test_share))
+        return ("" if self.outside is not None else ">=") + str(datetime.timedelta(seconds=int(secs)))
+
+
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -1973,10 +2050,10 @@ def _memory_mb(device: torch.device) -> float:
 
 
 def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: int, log, on_step=None,
-                    preemption: Preemption | None = None) -> dict:
-    """Train for one (possibly resumed) epoch. Logs a progress line every print_freq steps; calls
-    on_step(step, loss_sum, n_ok, stop) after each step (mid-epoch checkpoints). Returns the epoch's loss sum,
-    step count and the last batch with its masks."""
+                    preemption: Preemption | None = None, clock: RunClock | None = None) -> dict:
+    """Train for one (possibly resumed) epoch. Logs a progress line every print_freq steps, with the epoch's and
+    (given a clock) the whole phase's ETA; calls on_step(step, loss_sum, n_ok, stop) after each step (mid-epoch
+    checkpoints). Returns the epoch's loss sum, step count and training seconds."""
     cfg, dev = run.cfg, run.info.device
     run.model.train()
     if run.policy is not None:
@@ -1986,7 +2063,6 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
     amp_skipped_at_start = state.amp_skipped
     t_epoch = t_last = time.perf_counter()
     data_time, seen = 0.0, 0
-    last_batch = None
     for step, (x, y) in enumerate(loader, start=start_step):
         data_time += time.perf_counter() - t_last
         if x.shape[0] == 0:           # every image of the batch was unreadable (--skip-bad-images)
@@ -2016,16 +2092,17 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
                 f"its loss scale. Expected a few times, mostly early in a run; further ones are counted silently "
                 f"(amp_skipped_steps in log.jsonl and a count at each epoch's end)")
         seen += x.shape[0]
-        if cfg.save_masks and fwd.mask is not None:
-            last_batch = (x[:8].detach().float().cpu(), fwd.mask[:8].detach().float().cpu())
         if (step + 1) % cfg.print_freq == 0 or step + 1 == total:
             el = time.perf_counter() - t_epoch
             done = step + 1 - start_step
-            eta = datetime.timedelta(seconds=int(el / max(done, 1) * (total - step - 1)))
+            sec_per_step = el / max(done, 1)
+            eta = datetime.timedelta(seconds=int(sec_per_step * (total - step - 1)))
             parts = [f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{total}",
                      f"loss {fwd.loss.item():.4f}", f"lr {run.optimizer.param_groups[0]['lr']:.5g}",
                      f"img/s {seen * run.info.world / max(el, 1e-9):.1f}", f"data {data_time / max(done, 1):.4f}s",
-                     f"eta {eta}"]
+                     f"epoch eta {eta}"]
+            if clock is not None:
+                parts.append(f"run eta {clock.remaining(epoch, sec_per_step, total - step - 1)}")
             if fwd.mask is not None:
                 parts.append(f"mask {fwd.mask.mean().item():.3f}")
             if state.alpha_d is not None:
@@ -2044,7 +2121,8 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
     if state.amp_skipped > amp_skipped_at_start:
         log(f"note: GradScaler skipped {state.amp_skipped - amp_skipped_at_start} fp16-overflow step(s) in epoch "
             f"{epoch + 1} ({state.amp_skipped} in the run)")
-    return {"loss_sum": loss_sum, "n_ok": n_ok, "last_batch": last_batch, "seconds": time.perf_counter() - t_epoch}
+    seconds = time.perf_counter() - t_epoch
+    return {"loss_sum": loss_sum, "n_ok": n_ok, "seconds": seconds, "sec_per_step": seconds / max(len(loader), 1)}
 
 
 @torch.no_grad()
@@ -2092,19 +2170,246 @@ def evaluate(run: Run, state: StepState, loader, epoch: int, noisy: bool = False
     return m
 
 
-def save_mask_figure(path: str, images: torch.Tensor, masks: torch.Tensor, mean: float, std: float) -> None:
-    """Figs. 4/6 as a PNG (PIL only): row 1 the images, row 2 their masks, row 3 the masked images."""
-    img = (images[:, 0] * std + mean).clamp(0, 1)                         # (K, H, W), first channel
-    m = masks[:, 0].clamp(0, 1)
-    rows = [img, m, (img * m).clamp(0, 1)]
-    k, h, w = img.shape
-    pad = 2
-    canvas = np.full((3 * (h + pad) + pad, k * (w + pad) + pad), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
+# --- what a person looks at: the mask figure (Figs. 4 and 6), per-image mask statistics, curves.png -------------------
+
+
+FIGURE_IMAGES = 8          # validation images in the mask figure: one per class, classes spread over the list
+FIGURE_TILE = 192          # smaller images are enlarged (nearest) to about this many pixels, larger ones reduced
+FIGURE_ROWS = ("image", "mask", "masked")
+
+# A viridis-like ramp (dark blue -> green -> yellow) at 0, 1/8, ..., 1: perceptually ordered, readable in greyscale.
+_RAMP = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
+                  [92, 200, 99], [170, 220, 50], [253, 231, 37]], dtype=np.float64)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB on the viridis-like ramp.   (...) -> (..., 3)"""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0) * (len(_RAMP) - 1)
+    lo = np.minimum(np.floor(v).astype(int), len(_RAMP) - 2)
+    t = (v - lo)[..., None]
+    return np.round(_RAMP[lo] * (1 - t) + _RAMP[lo + 1] * t).astype(np.uint8)
+
+
+def figure_indices(targets: Sequence[int], k: int = FIGURE_IMAGES) -> list[int]:
+    """The mask figure's images, chosen once per run: the first sample of each class, or of k classes spread evenly
+    over the class list when there are more than k."""
+    first: dict[int, int] = {}
+    for i, t in enumerate(targets):
+        first.setdefault(int(t), i)
+    classes = sorted(first)
+    if len(classes) > k:
+        classes = [classes[j * len(classes) // k] for j in range(k)]
+    return [first[c] for c in classes]
+
+
+@dataclass
+class FixedImages:
+    """The validation images the mask figure and the per-image mask statistics follow through a run."""
+    x: torch.Tensor            # (K, 3, H, W), normalised, evaluation transform
+    names: list[str]           # their class names
+
+
+def fixed_images(dataset: AugmentedDataset, classes: Sequence[str]) -> FixedImages | None:
+    """figure_indices' samples of a validation set through its (evaluation) transform."""
+    picked = [(dataset[i], dataset.targets[i]) for i in figure_indices(dataset.targets)]
+    picked = [(s[0], t) for s, t in picked if s is not None]          # --skip-bad-images: unreadable ones left out
+    if not picked:
+        return None
+    return FixedImages(torch.stack([s for s, _ in picked]), [classes[t] for _, t in picked])
+
+
+@torch.no_grad()
+def policy_masks(run: Run, state: StepState, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The masks training would apply to x (eq. 2, 10-11, 4, Fig. 4), with the policy in eval mode and the same seed
+    every epoch, so that a change between epochs comes from the policy and not from the random stream. Also the
+    expected mask E[M] = e^a / (e^a + e^b) of each image's Beta parameters (None without a policy).
+    x (K, 3, H, W) -> M_in (K, 1, H, W), E[M] (K, G*G)"""
+    cfg, dev = run.cfg, run.info.device
+    x = x.to(dev)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(sample_seed(cfg.seed, 0, 0, stream=4))
+        if run.policy is None:
+            noise = sample_fixed_noise(cfg.noise, (x.shape[0], cfg.grid * cfg.grid), dev)
+            return upsample_blur(noise, x.shape[-2:], cfg.kernel, cfg.sigma).cpu(), None
+        policy = run.policy_raw
+        was_training = policy.training
+        policy.eval()
+        x_policy = x if cfg.policy_size is None else F.interpolate(x, size=cfg.policy_size, mode="bilinear",
+                                                                   antialias=True)
+        with run.autocast():
+            a, b = policy(x_policy)
+        policy.train(was_training)
+        alpha_img = mix_image_params(state.alpha_d, a.float(), cfg.tau_image)           # eq. 10
+        beta_img = mix_image_params(state.beta_d, b.float(), cfg.tau_image)             # eq. 11
+        mask, _ = sample_beta_mask(alpha_img, beta_img)
+        m_in = upsample_blur(mask, x.shape[-2:], cfg.kernel, cfg.sigma)
+    return m_in.cpu(), beta_mean(alpha_img, beta_img).cpu()
+
+
+def beta_mean(log_alpha: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
+    """E[M] of B(exp a, exp b) = e^a / (e^a + e^b) = sigmoid(a - b), with beta_distribution's clamp.   -> same shape"""
+    lim = LOG_CONCENTRATION_LIMIT
+    return torch.sigmoid(log_alpha.float().clamp(-lim, lim) - log_beta.float().clamp(-lim, lim))
+
+
+def mask_statistics(expected: torch.Tensor, alpha_d: torch.Tensor, beta_d: torch.Tensor) -> dict:
+    """Whether the masks are image-specific, for log.jsonl: the dataset-level expected mask value, each fixed image's
+    (mean over cells of E[M]), and the spread across images (per cell the std of E[M] over the images, averaged over
+    cells: 0 when the policy ignores the image).   E[M] (K, G*G), alpha_d/beta_d (1, G*G) -> dict"""
+    return {"mask_mean_dataset": round(float(beta_mean(alpha_d, beta_d).mean()), 5),
+            "mask_mean_images": [round(float(v), 5) for v in expected.mean(1)],
+            "mask_image_spread": round(float(expected.std(0, unbiased=False).mean()), 6)}
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)     # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError, ImportError, AttributeError):
+        return ImageFont.load_default()              # older Pillow: the small bitmap font
+
+
+def mask_figure_layout(k: int, image_size: int) -> dict:
+    """Where everything of the mask figure goes (pixels): a title band, class names above the columns, row labels
+    at the left, three rows of k tiles, the mean of each mask below its column, and the colour bar at the right."""
+    tile = image_size * max(1, round(FIGURE_TILE / image_size)) if image_size < FIGURE_TILE else min(image_size, 256)
+    pad, label_w, title_h, names_h, caption_h, bar_w = 8, 84, 46, 38, 24, 84
+    cols = [label_w + c * (tile + pad) for c in range(k)]
+    top = title_h + names_h
+    rows = {name: top + r * (tile + pad) for r, name in enumerate(FIGURE_ROWS)}
+    bar_x = label_w + k * (tile + pad) + 4
+    return {"size": (bar_x + bar_w, top + 3 * (tile + pad) + caption_h), "tile": tile, "cols": cols, "rows": rows,
+            "names_y": title_h, "caption_y": top + 3 * (tile + pad), "bar": (bar_x, rows["mask"], bar_x + 16,
+                                                                                rows["mask"] + tile)}
+
+
+def _fit(draw, text: str, font, width: int, lines: int = 2) -> list[str]:
+    """Greedy word wrap into at most `lines` lines of `width` pixels; the last line is cut with '...' if needed."""
+    words, out, cur = text.split(), [], ""
+    for w in words:
+        cand = f"{cur} {w}".strip()
+        if draw.textlength(cand, font=font) <= width or not cur:
+            cur = cand
+        else:
+            out.append(cur)
+            cur = w
+    out.append(cur)
+    if len(out) > lines:
+        out = out[:lines - 1] + [" ".join(out[lines - 1:])]
+    last = out[-1]
+    while draw.textlength(last, font=font) > width and len(last) > 1:
+        last = last[:-4] + "..." if len(last) > 4 else last[:-1]
+    return out[:-1] + [last]
+
+
+def save_mask_figure(path: str, images: torch.Tensor, masks: torch.Tensor, mean: float, std: float,
+                     names: Sequence[str] | None = None, title: Sequence[str] = ()) -> None:
+    """Figs. 4 and 6 as a PNG (PIL only): the images, their masks in colour (with a 0-1 colour bar) and the masked
+    images, one column per image, row labels at the left, class names above and each mask's mean below.
+    images (K, 3, H, W) normalised, masks (K, 1, H, W) in [0, 1]"""
+    from PIL import ImageDraw
+    k, _, h, w = images.shape
+    lay = mask_figure_layout(k, max(h, w))
+    tile = lay["tile"]
+    img = (images.float() * std + mean).clamp(0, 1)
+    m = masks.float().clamp(0, 1)
+    as_rgb = lambda t: (t.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)   # noqa: E731
+    rows = {"image": as_rgb(img), "mask": colormap(m[:, 0].numpy()), "masked": as_rgb(img * m)}
+    canvas = Image.new("RGB", lay["size"], "white")
+    draw = ImageDraw.Draw(canvas)
+    resample = Image.NEAREST if tile >= max(h, w) else Image.BILINEAR
+    for name, arr in rows.items():
         for c in range(k):
-            y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
-            canvas[y0:y0 + h, x0:x0 + w] = (row[c].numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(canvas, mode="L").save(path)
+            canvas.paste(Image.fromarray(arr[c]).resize((tile, tile), resample), (lay["cols"][c], lay["rows"][name]))
+    big, small = _font(16), _font(13)
+    for i, line in enumerate(title[:2]):
+        draw.text((8, 4 + i * 20), line, fill="black", font=big if i == 0 else small)
+    for name, y in lay["rows"].items():
+        draw.text((8, y + tile // 2 - 8), name, fill="black", font=big)
+    for c in range(k):
+        x = lay["cols"][c]
+        if names is not None:
+            label = str(names[c]).replace("__", " / ").replace("_", " ")
+            for i, line in enumerate(_fit(draw, label, small, tile)):
+                draw.text((x, lay["names_y"] + i * 16), line, fill="black", font=small)
+        draw.text((x, lay["caption_y"] + 2), f"mask mean {float(m[c].mean()):.3f}", fill="black", font=small)
+    x0, y0, x1, y1 = lay["bar"]
+    ramp = colormap(np.linspace(1.0, 0.0, y1 - y0))[:, None, :].repeat(x1 - x0, axis=1)
+    canvas.paste(Image.fromarray(ramp), (x0, y0))
+    draw.rectangle((x0 - 1, y0 - 1, x1, y1), outline="black")
+    for v in (0.0, 0.5, 1.0):
+        y = round(y1 - 1 - v * (y1 - y0 - 1))
+        draw.line((x1, y, x1 + 4, y), fill="black")
+        draw.text((x1 + 7, y - 7), f"{v:g}", fill="black", font=small)
+    draw.text((x0, y0 - 18), "mask", fill="black", font=small)
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_curves(log_path: str, path: str) -> bool:
+    """curves.png from log.jsonl (matplotlib, optional): losses, clean and masked validation accuracy, and in the
+    heated phase alpha_d/beta_d and the fixed images' expected mask values per epoch. False when matplotlib is not
+    installed or the log has no epoch yet."""
+    try:
+        from matplotlib.figure import Figure        # no pyplot: no global state, no display needed
+    except ImportError:
+        return False
+    with open(log_path) as fh:
+        recs = [json.loads(ln) for ln in fh if ln.strip()]
+    recs = [r for r in recs if not r.get("final") and "epoch" in r]
+    if not recs:
+        return False
+    ep = [r["epoch"] for r in recs]
+    col = lambda key: [r.get(key, float("nan")) for r in recs]    # noqa: E731
+    heated = "val_noisy_acc" in recs[-1]
+    policy = "mask_mean_images" in recs[-1]
+    n = 6 if policy else 3
+    fig = Figure(figsize=(4.0 * min(n, 3), 3.2 * (2 if n > 3 else 1)), dpi=100)
+    axes = fig.subplots(2 if n > 3 else 1, min(n, 3), squeeze=False).ravel()
+    phase = recs[-1].get("phase", "")
+    ax = axes[0]
+    ax.plot(ep, col("train_loss"), "o-", label="train")
+    ax.set_title("training objective (policy + classifier)" if policy else "training loss (cross-entropy)")
+    ax = axes[1]
+    ax.plot(ep, col("val_loss"), "o-", label="clean")
+    if heated:
+        ax.plot(ep, col("val_noisy_loss"), "s--", label="masked")
+    ax.set_title("validation cross-entropy")
+    ax = axes[2]
+    ax.plot(ep, col("val_acc"), "o-", label="clean")
+    ax.plot(ep, col("val_balanced_acc"), ":", color="C0", label="clean, balanced")
+    if heated:
+        ax.plot(ep, col("val_noisy_acc"), "s--", label="masked")
+    ax.set_title("validation accuracy")
+    if policy:
+        ax = axes[3]
+        ax.plot(ep, col("alpha_d_mean"), "o-", label="log alpha_d")
+        ax.plot(ep, col("beta_d_mean"), "s-", label="log beta_d")
+        ax.set_title("dataset-level Beta parameters (mean)")
+        ax = axes[4]
+        per_image = np.array([r.get("mask_mean_images", [np.nan]) for r in recs], dtype=float)
+        for j in range(per_image.shape[1]):
+            ax.plot(ep, per_image[:, j], "-", lw=1, alpha=0.7, label="fixed images, one line each" if j == 0 else None)
+        ax.plot(ep, col("mask_mean_dataset"), "k-", lw=2.5, label="dataset-level")
+        ax.set_title("expected mask value E[M]")
+        ax = axes[5]
+        ax.plot(ep, col("mask_image_spread"), "o-", color="C3")
+        ax.set_title("spread of E[M] across images")
+    for ax in axes[:n]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(f"{phase}: {os.path.dirname(log_path) or '.'}/log.jsonl")
+    fig.tight_layout()
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return True
 
 
 # =====================================================================================================================
@@ -2339,7 +2644,7 @@ class Progress:
 
 
 def configure_runtime(cfg: Config, info: DistInfo, log) -> None:
-    """Determinism or cuDNN autotuning, the CPU allocator, and every rank's seeds."""
+    """Determinism or cuDNN autotuning, and every rank's seeds."""
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -2347,8 +2652,6 @@ def configure_runtime(cfg: Config, info: DistInfo, log) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     elif info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if info.device.type == "cpu" and not cfg.no_malloc_tuning:
-        tune_cpu_allocator(log)
     seed = rank_seed(cfg.seed, info.rank)
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -2516,15 +2819,24 @@ def wrap_for_training(run: Run) -> None:
         compile_networks(run)
 
 
-def log_header(cfg: Config, info: DistInfo, data: Data, log) -> None:
-    """What runs, where, with which code and data."""
+def log_header(cfg: Config, info: DistInfo, data: Data, log, malloc_tuned: bool = False) -> None:
+    """What runs, where, with which code, data and settings, and where its outputs go (the whole configuration is
+    in <output-dir>/config.json; the line prints what differs from the paper's defaults)."""
     dev = info.device
     log(f"pgnm {file_hash()} | python {sys.version.split()[0]} torch {torch.__version__} | device {dev}"
         f"{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''} | world size {info.world}")
+    if malloc_tuned:
+        log("CPU allocator: glibc mmap/trim thresholds raised to 1 GiB so freed activations are reused "
+            "(--no-malloc-tuning keeps glibc's defaults)")
     log(f"data: {cfg.data_path or 'built-in synthetic scans'} | {len(data.classes)} classes | "
         + " ".join(f"{s} {n}" for s, n in data.sizes.items())
         + f" | {data.steps_per_epoch} steps/epoch, effective batch {cfg.batch_size * info.world}")
-    log("config: " + json.dumps(dataclasses.asdict(cfg)))
+    diff = " ".join(f"{k}={format_value(v)}" for k, v in config_differences(cfg).items())
+    log(f"config (preset: {preset_name(cfg)}; differs from the paper's defaults: {diff or 'nothing'}) | "
+        f"full config: {os.path.join(cfg.output_dir, CONFIG_JSON)}")
+    log(f"writing to {cfg.output_dir}{os.sep}: {CHECKPOINT} every epoch, log.jsonl"
+        + (", masks_epochNNN.png" if cfg.save_masks and cfg.phase == "heated" else "")
+        + f"; at the end model_{cfg.phase}.pth and curves.png (with matplotlib)")
 
 
 def save_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> None:
@@ -2573,16 +2885,21 @@ def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict
 def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
                  preemption: Preemption | None = None) -> dict:
     """The epoch loop: train (checkpointing every --save-every-steps and on a stop signal), average BatchNorm
-    statistics over ranks, step the schedulers, evaluate, log, checkpoint. Returns the last epoch's record.
-    A stop signal that arrives outside a step (setup, evaluation) stops at the next epoch boundary or step; an epoch
-    in which every step was skipped raises Diverged."""
+    statistics over ranks, step the schedulers, evaluate, follow the fixed images' masks, log, checkpoint, and
+    with --save-masks draw the mask figure. Returns the last epoch's record. A stop signal that arrives outside a
+    step (setup, evaluation) stops at the next epoch boundary or step; an epoch in which every step was skipped
+    raises Diverged."""
     cfg, out_dir, spe = run.cfg, run.cfg.output_dir, data.steps_per_epoch
     log_path = os.path.join(out_dir, "log.jsonl")
+    sizes = data.sizes
+    clock = RunClock(cfg.epochs, spe, sizes.get("test", 0) / max(sizes.get("val", 1), 1))
+    fixed = fixed_images(data.eval_loaders["val"].dataset, data.classes) if run.heated else None
     last: dict = {}
     with (contextlib.nullcontext(preemption) if preemption is not None else Preemption()) as preemption:
         if start.epoch < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:
             raise TrainingStopped("stop requested by signal before training began (nothing new to checkpoint)")
         for epoch in range(start.epoch, cfg.epochs):
+            t_start = time.perf_counter()
             step0 = start.step if epoch == start.epoch else 0
             meter = dict(start.meter) if epoch == start.epoch else {"loss_sum": 0.0, "n_ok": 0}
             data.sampler.set_epoch(epoch, step0)
@@ -2595,7 +2912,8 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
                     acc = {"loss_sum": meter["loss_sum"] + float(loss_sum), "n_ok": meter["n_ok"] + n_ok}
                     save_checkpoint(run, state, epoch, step, spe, acc)
 
-            stats = train_one_epoch(run, state, data.train_loader, epoch, step0, log, on_step, preemption)
+            stats = train_one_epoch(run, state, data.train_loader, epoch, step0, log, on_step, preemption, clock)
+            t_trained = time.perf_counter()
             if meter["n_ok"] + stats["n_ok"] == 0:
                 raise Diverged(f"every step of epoch {epoch + 1} was skipped (non-finite loss or gradients, or no "
                                f"readable batch): nothing was learned; lower --lr, add --clip-grad-norm, or drop --amp "
@@ -2607,20 +2925,36 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
                 run.pol_scheduler.step()
             bad_images = data.train.bad_count.value - bad0 if data.train.bad_count is not None else None
             rec = epoch_record(run, state, data, epoch, stats, meter, bad_images)
-            log(f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} done: train_loss {rec['train_loss']:.4f}  "
-                + "  ".join(f"{k} {rec[k]:.4f}" for k in ("val_acc", "val_balanced_acc", "val_f1", "val_auroc",
-                                                          "val_entropy", "val_noisy_acc", "val_noisy_balanced_acc")
-                            if k in rec))
+            follow = fixed is not None and (run.policy is not None or cfg.save_masks)
+            masks = policy_masks(run, state, fixed.x) if follow else None
+            if masks is not None and masks[1] is not None:
+                rec.update(mask_statistics(masks[1], state.alpha_d.cpu(), state.beta_d.cpu()))
             if run.info.is_main:       # the line first: a run killed before the checkpoint re-trains the epoch,
                 _append_jsonl(log_path, rec)                # and the resume trims the line again
                 if cfg.average_last and epoch >= cfg.epochs - cfg.average_last:   # before the checkpoint, likewise
                     os.makedirs(os.path.join(out_dir, EPOCH_WEIGHTS), exist_ok=True)
                     atomic_save(run.model_raw.state_dict(), epoch_weights_path(out_dir, epoch + 1))
             save_checkpoint(run, state, epoch, spe, spe, {"loss_sum": 0.0, "n_ok": 0})
-            if run.info.is_main:
-                if cfg.save_masks and stats["last_batch"] is not None:
-                    save_mask_figure(os.path.join(out_dir, f"masks_epoch{epoch + 1:03d}.png"), *stats["last_batch"],
-                                     cfg.mean, cfg.std)
+            clock.outside = time.perf_counter() - t_trained     # evaluation and checkpoint, for the ETAs
+            log(f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} done: train_loss {rec['train_loss']:.4f}  "
+                + "  ".join(f"{k} {rec[k]:.4f}" for k in ("val_acc", "val_balanced_acc", "val_f1", "val_auroc",
+                                                          "val_entropy", "val_noisy_acc", "val_noisy_balanced_acc",
+                                                          "mask_image_spread")
+                            if k in rec)
+                + f"  | epoch {datetime.timedelta(seconds=int(time.perf_counter() - t_start))}"
+                  f"  run eta {clock.remaining(epoch, stats['sec_per_step'], 0, evaluated=True)}")
+            if run.info.is_main and cfg.save_masks and masks is not None:
+                path = os.path.join(out_dir, f"masks_epoch{epoch + 1:03d}.png")
+                title = [f"{cfg.phase} epoch {epoch + 1}/{cfg.epochs}: the masks the policy gives {len(fixed.names)} "
+                         f"fixed validation images (same images and seed every epoch)" if run.policy is not None else
+                         f"{cfg.phase} epoch {epoch + 1}/{cfg.epochs}: --noise {cfg.noise} masks (no policy) on "
+                         f"{len(fixed.names)} fixed validation images"]
+                if "mask_image_spread" in rec:
+                    title.append(f"expected mask value E[M]: dataset-level {rec['mask_mean_dataset']:.3f}; spread "
+                                 f"across images {rec['mask_image_spread']:.4f} (0 = the same mask for every image)")
+                save_mask_figure(path, fixed.x, masks[0], cfg.mean, cfg.std, fixed.names, title)
+                log(f"wrote {path}")
+            clock.outside = time.perf_counter() - t_trained
             last = rec
             if epoch + 1 < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:
                 raise TrainingStopped(f"stop requested by signal (after epoch {epoch + 1}, checkpoint written)")
@@ -2643,13 +2977,80 @@ def finish(run: Run, state: StepState, data: Data, last: dict, log) -> dict:
     if run.info.is_main:
         _append_jsonl(os.path.join(out_dir, "log.jsonl"), {"phase": cfg.phase, "epoch": cfg.epochs, "final": True,
                                                            **{k: v for k, v in final.items() if k.startswith("test_")}})
-        weights = os.path.join(out_dir, f"model_{cfg.phase}.pth")
-        atomic_save(run.model_raw.state_dict(), weights)
-        log(f"saved {weights} (classifier only; loads into timm/torchvision {cfg.model} with strict=True)")
+        atomic_save(run.model_raw.state_dict(), os.path.join(out_dir, f"model_{cfg.phase}.pth"))
         if cfg.average_last:
             average_last_epochs(cfg, log)
     final["output_dir"] = out_dir
     return final
+
+
+def loads_into(model: str) -> str:
+    """Which libraries' model of this name a saved classifier state_dict loads into (torchvision has no resnet10t)."""
+    return f"timm's {model}" if model == "resnet10t" else f"timm's or torchvision's {model}"
+
+
+def describe_output(name: str, cfg: Config) -> str:
+    """One line on what a file in the output directory is."""
+    if name == f"model_{cfg.phase}.pth":
+        return f"the classifier's weights alone; loads into {loads_into(cfg.model)} with strict=True"
+    if name == CHECKPOINT:
+        return "the whole training state at the last epoch's end; --resume auto continues from it"
+    if name == CHECKPOINT_PREV:
+        return "the checkpoint before it, the fallback if checkpoint.pth is damaged"
+    if name == "log.jsonl":
+        return "one JSON line of metrics per epoch, then a final line with the test metrics"
+    if name == CONFIG_JSON:
+        return "every setting of this run"
+    if name == "curves.png":
+        return "losses, accuracies" + (" and the masks' statistics" if cfg.phase == "heated" else "") + " per epoch"
+    if name.startswith("masks_epoch"):
+        return "the policy's masks on fixed validation images, one figure per epoch"
+    if name.startswith(f"model_{cfg.phase}_avg"):
+        return f"the mean of the last epochs' classifier weights (--average-last {cfg.average_last})"
+    return "written by this run"
+
+
+def written_since(out_dir: str, since: float) -> list[str]:
+    """The files of the output directory written since `since` (time.time()), but not the run's lock, in a fixed
+    order: the model, the checkpoints, the log and the config, then figures and anything else by name."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [e.name for e in os.scandir(out_dir) if e.is_file() and ".tmp." not in e.name and e.name != ".lock"
+             and e.stat().st_mtime >= since - 0.05]
+    first = ("model_", CHECKPOINT, CHECKPOINT_PREV, "log.jsonl", CONFIG_JSON, "curves.png")
+    return sorted(names, key=lambda n: (next((i for i, p in enumerate(first) if n.startswith(p)), len(first)), n))
+
+
+def log_summary(cfg: Config, final: dict, seconds: float, files: Sequence[str], log) -> None:
+    """The end of a phase: the metrics that matter, the wall time, every file written (with its path), what next."""
+    split = "test" if "test_acc" in final else "val"
+    names = {"acc": "acc", "balanced_acc": "balanced acc", "f1": "macro F1", "auroc": "AUROC"}
+    metrics = "  ".join(f"{v} {final[f'{split}_{k}']:.3f}" for k, v in names.items() if f"{split}_{k}" in final)
+    if f"{split}_noisy_acc" in final:
+        metrics += (f"  | masked (\"noisy\") input: acc {final[f'{split}_noisy_acc']:.3f}  "
+                    f"balanced acc {final[f'{split}_noisy_balanced_acc']:.3f}")
+    log(f"[{cfg.phase}] finished in {datetime.timedelta(seconds=int(seconds))} ({cfg.epochs} epochs). "
+        f"{split} split: {metrics}")
+    log(f"[{cfg.phase}] files written:")
+    masks = [n for n in files if n.startswith("masks_epoch")]
+    width = max((len(os.path.join(cfg.output_dir, n)) for n in files), default=0)
+    for n in files:
+        if n.startswith("masks_epoch") and n != masks[0]:
+            continue
+        path = os.path.join(cfg.output_dir, n)
+        if n.startswith("masks_epoch") and len(masks) > 1:
+            last = os.path.join(cfg.output_dir, masks[-1])
+            log(f"  {path} .. {last}  ({len(masks)} files) {describe_output(n, cfg)}")
+        else:
+            log(f"  {path:<{width}}  {describe_output(n, cfg)}")
+    model = os.path.join(cfg.output_dir, f"model_{cfg.phase}.pth")
+    if cfg.phase == "heated":
+        same = os.path.abspath(default_finetune_path(default_output_dir("finetune"))) == os.path.abspath(model)
+        nxt = ("python pgnm.py --phase finetune" + (f" --data-path {cfg.data_path}" if cfg.data_path else "")
+               + ("" if same else f" --finetune {model}"))
+    else:
+        nxt = f"python evaluate.py --checkpoints {model}" + (" --data YOUR_UNSEEN_DATA" if cfg.data_path else "")
+    log(f"[{cfg.phase}] next: {nxt}")
 
 
 def main(cfg: Config) -> dict:
@@ -2694,9 +3095,11 @@ def claim_output_dir(cfg: Config, info: DistInfo, log):
 
 def run_phase(cfg: Config, info: DistInfo) -> dict:
     """One phase: data -> claim the output folder -> networks and optimisers -> restore -> train and evaluate every
-    epoch -> test and save. A stop signal is caught from the start (see train_epochs)."""
+    epoch -> test and save -> curves.png and a summary of the metrics, the wall time and every file written. A stop
+    signal is caught from the start (see train_epochs)."""
+    started, t0 = time.time(), time.perf_counter()
     log = (lambda *a, **k: print(*a, **k, flush=True)) if info.is_main else (lambda *a, **k: None)
-    cfg = dataclasses.replace(cfg, output_dir=cfg.output_dir or os.path.join("runs", cfg.phase))
+    cfg = dataclasses.replace(cfg, output_dir=cfg.output_dir or default_output_dir(cfg.phase))
     with Preemption() as preemption:
         configure_runtime(cfg, info, log)
         data = build_data(cfg, info)
@@ -2706,11 +3109,22 @@ def run_phase(cfg: Config, info: DistInfo) -> dict:
             start = (restore_run(run, state, ckpt, ckpt_path, data.steps_per_epoch, log) if ckpt is not None
                      else Progress())
             wrap_for_training(run)
-            log_header(cfg, info, data, log)
+            if info.is_main:
+                write_json_atomic(dataclasses.asdict(cfg), os.path.join(cfg.output_dir, CONFIG_JSON))
+            # Only now, with the inputs checked: a failed start should not speak of allocators.
+            malloc_tuned = (info.device.type == "cpu" and not cfg.no_malloc_tuning
+                            and tune_cpu_allocator(lambda *a: None))
+            log_header(cfg, info, data, log, malloc_tuned)
             last = train_epochs(run, state, data, start, log, preemption)
             if not last and ckpt is not None:
                 log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
-            return finish(run, state, data, last, log)
+            final = finish(run, state, data, last, log)
+            if info.is_main:
+                log_path = os.path.join(cfg.output_dir, "log.jsonl")
+                if not save_curves(log_path, os.path.join(cfg.output_dir, "curves.png")) and os.path.exists(log_path):
+                    log("curves.png skipped: matplotlib is not installed (pip install matplotlib)")
+                log_summary(cfg, final, time.perf_counter() - t0, written_since(cfg.output_dir, started), log)
+            return final
 
 
 # =====================================================================================================================
@@ -2989,14 +3403,26 @@ def bench_e2e(cfg: Config, steps: int = 150, log=print) -> dict:
 # =====================================================================================================================
 
 
+HELP_EPILOG = """\
+defaults: "default" is the paper's recipe (heated and baseline with --data-path). Two presets change some values:
+  finetune  --phase finetune with --data-path: the authors' finetune recipe
+  demo      no --data-path: the built-in synthetic scans with a CPU-sized run (resnet10t, 64 px, 3-5 epochs)
+Flags given on the command line override both. At start pgnm.py prints the preset in force and every value that
+differs from the paper's defaults, and writes the whole configuration to <output-dir>/config.json."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags from Config's fields (authors' names kept: --data-path, -b/--batch-size, --wd, --grid, --kernel, ...).
     Every default is argparse.SUPPRESS so that only flags given on the command line override the presets."""
-    p = argparse.ArgumentParser(prog="pgnm.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="pgnm.py", description=__doc__.split("\n\n")[0], epilog=HELP_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
-        help_ = f"{f.metadata['help']} (default: {f.default})"
+        help_ = f.metadata["help"]
+        if f.name == "phase":
+            help_ += f" (default {f.default})"
+        elif f.name != "data_path" and not (f.default is None and "default" in help_):
+            help_ += f" ({help_defaults(f.name)})"
         if f.type == "bool | None":              # tri-state: --flag / --no-flag / absent = automatic
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
             continue

@@ -8,10 +8,13 @@ phases end to end -> distributed -> resume -> GPU/AMP (skipped without CUDA).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -979,10 +982,21 @@ def test_import_has_no_side_effects():
 # =====================================================================================================================
 
 
-def test_heated_then_finetune_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def heated_run(tmp_path_factory):
+    """One tiny two-epoch heated run with --save-masks, shared by the tests of what a run writes and prints:
+    (its config with the output directory resolved, the output directory, what it printed, its result)."""
+    out = str(tmp_path_factory.mktemp("phases") / "runs" / "heated")
+    cfg = tiny(output_dir=out, epochs=2, save_masks=True, print_freq=4)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        res = pgnm.main(cfg)
+    return cfg, out, printed.getvalue(), res
+
+
+def test_heated_then_finetune_end_to_end(heated_run):
     timm = pytest.importorskip("timm")
-    runs = tmp_path / "runs"
-    res = pgnm.main(tiny(output_dir=str(runs / "heated"), epochs=2, save_masks=True))
+    res, runs = heated_run[3], pathlib.Path(heated_run[1]).parent
     for k in ("val_acc", "val_noisy_acc", "test_acc", "test_noisy_acc", "test_auroc"):
         assert k in res
     log = read_log(str(runs / "heated"))
@@ -997,7 +1011,7 @@ def test_heated_then_finetune_end_to_end(tmp_path):
     assert ck["base_alpha"].shape == (1, 64) and isinstance(ck["args"], dict)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     png = Image.open(runs / "heated" / "masks_epoch002.png")
-    assert png.size == (8 * 34 + 2, 3 * 34 + 2)
+    assert png.size == pgnm.mask_figure_layout(8, 32)["size"]
     weights = torch.load(runs / "heated" / "model_heated.pth", weights_only=True)
     timm.create_model("resnet10t", num_classes=24).load_state_dict(weights, strict=True)
     res2 = pgnm.main(tiny("finetune", output_dir=str(runs / "finetune")))
@@ -1050,6 +1064,162 @@ def test_readme_training_loop_example_runs():
     namespace: dict = {}
     exec(compile(m.group(1), "README.md", "exec"), namespace)
     assert math.isfinite(namespace["loss"].item())
+
+
+# --- what a run tells its user: config, ETA, figures, summary, --help -------------------------------------------------
+
+
+def test_config_json_is_the_runs_config_and_the_start_line_lists_exactly_what_differs(heated_run):
+    cfg, out, printed, _ = heated_run
+    with open(os.path.join(out, "config.json")) as fh:
+        saved = json.load(fh)
+    cfg = dataclasses.replace(cfg, channels_last=pgnm.use_channels_last(cfg, torch.device("cpu")))  # as resolved
+    assert saved == dataclasses.asdict(cfg) and pgnm.Config(**saved) == cfg
+    line = next(ln for ln in printed.splitlines() if ln.startswith("config (preset: "))
+    assert "synthetic CPU demo" in line and line.endswith(f"full config: {os.path.join(out, 'config.json')}")
+    listed = dict(kv.split("=", 1) for kv in line.split("differs from the paper's defaults: ")[1].split(")")[0].split())
+    paper = pgnm.Config()
+    differ = {f.name for f in dataclasses.fields(pgnm.Config)
+              if f.name != "phase" and getattr(cfg, f.name) != getattr(paper, f.name)}
+    assert set(listed) == differ and {"epochs", "lr", "model", "workers"} <= differ
+    assert all(listed[k] == pgnm.format_value(getattr(cfg, k)) for k in listed)
+
+
+def test_progress_and_epoch_lines_show_the_runs_eta(heated_run):
+    printed = heated_run[2]
+    steps = [ln for ln in printed.splitlines() if re.match(r"\[heated\] epoch \d/2 step ", ln)]
+    done = [ln for ln in printed.splitlines() if re.match(r"\[heated\] epoch \d/2 done", ln)]
+    assert len(steps) == 6 and len(done) == 2                         # 12 steps per epoch, a line every 4
+    assert all(re.search(r"epoch eta \d+:\d\d:\d\d  run eta (>=)?\d+:\d\d:\d\d", ln) for ln in steps)
+    assert ">=" in steps[0] and ">=" not in steps[-1]                 # a lower bound until an evaluation is timed
+    assert all(re.search(r"run eta \d+:\d\d:\d\d$", ln) for ln in done)
+
+
+def _tile(png, lay, row, col):
+    x, y, t = lay["cols"][col], lay["rows"][row], lay["tile"]
+    return png[y:y + t, x:x + t]
+
+
+def test_mask_figure_follows_the_same_images_and_is_labelled(heated_run):
+    _, out, printed, _ = heated_run
+    lay = pgnm.mask_figure_layout(8, 32)
+    figs = [np.array(Image.open(os.path.join(out, f"masks_epoch00{e}.png")).convert("RGB")) for e in (1, 2)]
+    assert all(f.shape == (lay["size"][1], lay["size"][0], 3) for f in figs)
+    assert f"wrote {os.path.join(out, 'masks_epoch001.png')}" in printed
+    for c in range(8):                       # the same validation images in both epochs, their masks changed
+        assert np.array_equal(_tile(figs[0], lay, "image", c), _tile(figs[1], lay, "image", c))
+        assert not np.array_equal(_tile(figs[0], lay, "mask", c), _tile(figs[1], lay, "mask", c))
+    images = [_tile(figs[1], lay, "image", c) for c in range(8)]
+    masks = [_tile(figs[1], lay, "mask", c) for c in range(8)]
+    assert all(not np.array_equal(images[0], im) for im in images[1:])          # 8 different images
+    assert all(not np.array_equal(masks[0], m) for m in masks[1:])              # each with its own mask
+    f = figs[1]
+    for row, y in lay["rows"].items():                     # a row label at the left of each row
+        assert (f[y:y + lay["tile"], :lay["cols"][0]] < 100).any(), row
+    for x in lay["cols"]:                                  # a class name above each column, a mean below
+        assert (f[lay["names_y"]:lay["rows"]["image"], x:x + lay["tile"]] < 100).any()
+        assert (f[lay["caption_y"]:, x:x + lay["tile"]] < 100).any()
+    x0, y0, x1, y1 = lay["bar"]                            # the colour bar runs from the ramp's 1 (top) to 0
+    assert np.abs(f[y0 + 1, x0 + 8].astype(int) - pgnm.colormap(1.0)).max() <= 3
+    assert np.abs(f[y1 - 2, x0 + 8].astype(int) - pgnm.colormap(0.0)).max() <= 3
+
+
+def test_figure_images_are_one_per_class_spread_over_the_classes():
+    targets = [i % 24 for i in range(96)]
+    assert pgnm.figure_indices(targets) == [0, 3, 6, 9, 12, 15, 18, 21]
+    assert pgnm.figure_indices([2, 2, 0, 1, 0]) == [2, 3, 0]
+
+
+def test_mask_statistics_measure_how_image_specific_the_masks_are(heated_run):
+    same = torch.full((4, 9), 0.3)
+    stats = pgnm.mask_statistics(same, torch.zeros(1, 9), torch.zeros(1, 9))
+    assert stats["mask_image_spread"] == 0.0 and stats["mask_mean_dataset"] == 0.5
+    assert stats["mask_mean_images"] == [0.3] * 4
+    two = torch.tensor([[0.2, 0.4], [0.6, 0.4]])            # per-cell std over images: 0.2 and 0 -> mean 0.1
+    assert pgnm.mask_statistics(two, torch.zeros(1, 2), torch.zeros(1, 2))["mask_image_spread"] == pytest.approx(0.1)
+    log = read_log(heated_run[1])
+    for rec in log[:2]:
+        assert len(rec["mask_mean_images"]) == 8 and rec["mask_image_spread"] >= 0.0
+        assert 0.0 < rec["mask_mean_dataset"] < 1.0
+
+
+def test_summary_names_every_file_the_run_wrote(heated_run):
+    _, out, printed, res = heated_run
+    lines = printed.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("[heated] finished in "))
+    assert f"acc {res['test_acc']:.3f}" in lines[head] and "masked" in lines[head]
+    assert lines[head + 1] == "[heated] files written:"
+    listed = []
+    for ln in lines[head + 2:]:
+        if not ln.startswith("  "):
+            break
+        words = ln.split()                  # PATH  what it is   |   FIRST .. LAST  (N files) what they are
+        paths = [words[0]] + ([words[2]] if words[1] == ".." else [])
+        assert all(os.path.isfile(p) for p in paths), ln
+        listed += [os.path.basename(p) for p in paths]
+    assert sorted(listed) == sorted(set(os.listdir(out)) - {".lock"})
+    model_line = next(ln for ln in lines if "model_heated.pth" in ln and ln.startswith("  "))
+    assert "timm's resnet10t" in model_line and "torchvision" not in model_line
+    assert lines[-1].startswith("[heated] next: python pgnm.py --phase finetune")
+
+
+def test_curves_png_with_matplotlib_or_a_line_saying_how_to_get_it(heated_run, tmp_path, monkeypatch):
+    _, out, printed, _ = heated_run
+    try:
+        import matplotlib  # noqa: F401
+        assert Image.open(os.path.join(out, "curves.png")).size[0] >= 800
+        assert "curves.png skipped" not in printed
+    except ImportError:
+        assert "curves.png skipped: matplotlib is not installed (pip install matplotlib)" in printed
+        assert not os.path.exists(os.path.join(out, "curves.png"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)             # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert pgnm.save_curves(os.path.join(out, "log.jsonl"), str(tmp_path / "c.png")) is False
+    assert not (tmp_path / "c.png").exists()
+
+
+def _stated(help_):
+    """'(default X; finetune: Y; demo: Z)' at the end of a flag's help -> ('X', {'finetune': 'Y', 'demo': 'Z'})."""
+    m = re.search(r"\(default ([^;()]*)((?:; [^;()]*)*)\)$", help_)
+    if m is None:
+        return None, {}
+    return m.group(1), dict(part.split(": ", 1) for part in m.group(2).split("; ")[1:])
+
+
+def test_help_states_the_default_of_every_preset():
+    helps = {a.dest: a.help for a in pgnm.build_parser()._actions}
+    assert helps["phase"].endswith("(default heated)")
+    for f in dataclasses.fields(pgnm.Config):
+        if f.name in ("phase", "data_path"):
+            continue
+        h = helps[f.name]
+        assert "(default: None)" not in h and h.count("(default") <= 1, h    # said once
+        with_data = {p: pgnm.format_value(getattr(pgnm.make_config(p, data_path="D"), f.name)) for p in pgnm.PHASES}
+        demo_run = {p: pgnm.format_value(getattr(pgnm.make_config(p), f.name)) for p in pgnm.PHASES}
+        default, stated = _stated(h)
+        if f.default is None:               # off, or explained in words ("default runs/<phase>"): no preset sets it
+            assert set(with_data.values()) == set(demo_run.values()) == {"none"}, h
+            continue
+        assert default == pgnm.format_value(f.default), h
+        for p in pgnm.PHASES:
+            real = stated.get(p, default)
+            demo = stated.get("demo", real)
+            if " / " in demo:
+                demo = dict(reversed(x.rsplit(" ", 1)) for x in demo.split(" / "))[p]
+            assert with_data[p] == real and demo_run[p] == demo, (f.name, p, h)
+    assert _stated(helps["lr"])[1] == {"finetune": "0.001", "demo": "0.02 heated / 0.01 finetune / 0.1 baseline"}
+
+
+def test_allocator_line_only_when_a_cpu_run_trains(heated_run, tmp_path, capsys):
+    if sys.platform.startswith("linux"):
+        assert heated_run[2].count("CPU allocator: ") == 1
+    proc = run_cli("--batch-size", "4096", "--synthetic-per-class", "2", "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "allocator" not in proc.stdout + proc.stderr
+    with pytest.raises(SystemExit):
+        pgnm.cli(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--no-malloc-tuning" in help_text and "CPU allocator:" not in help_text
+    assert "demo      no --data-path" in help_text and "config.json" in help_text
 
 
 # =====================================================================================================================
@@ -1359,7 +1529,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_and_a_killed_one_leaves_
                              stderr=subprocess.DEVNULL, text=True)
     try:
         for line in first.stdout:                     # the header is printed once the folder is claimed
-            if line.startswith("config: "):
+            if line.startswith("config (preset: "):
                 break
         code = pgnm.cli([*TINY_CLI, "--output-dir", out])
         err = capsys.readouterr().err.strip()
