@@ -27,7 +27,6 @@ are pgnm.py's: torch, torchvision, numpy, pillow.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import io
@@ -35,7 +34,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -47,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pgnm
-from pgnm import UserError
+from pgnm import UserError, resolve_device, sha256_file, write_atomic
 
 DEFAULT_SHOTS = (8, 16, 32, 64, 128, 256)
 DEFAULT_PHASES = ("heated", "finetune", "baseline")   # the no-argument run's checkpoints, in this order
@@ -252,45 +250,8 @@ def sample_shots(labels: np.ndarray, shots: int, rng: np.random.Generator, task:
 
 
 # =====================================================================================================================
-#  Files: hashing, atomic writes, ages
+#  Files: ages (hashing and atomic writes are pgnm.sha256_file and pgnm.write_atomic)
 # =====================================================================================================================
-
-
-def sha256_file(path: str) -> str:
-    """The SHA-256 of a file's bytes, hex, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: str, write) -> None:
-    """write(binary file) into a new temp file in path's folder, fsync, then os.replace it over path. os.replace
-    swaps the directory entry, so a symlink planted at path is replaced, never written through; mkstemp creates the
-    temp file exclusively, so no planted name is followed either. An OSError (disk full, a folder in the way)
-    becomes a one-line UserError naming the path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__})") from None
-    try:
-        if hasattr(os, "fchmod"):                  # mkstemp's 0600 -> the usual 0666 & ~umask
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__})") from None
-        raise
 
 
 def age_text(path: str, now: float | None = None) -> str:
@@ -606,7 +567,9 @@ def cached_features(bb: Backbone, data: ProbeData, image_size: int, cache_dir: s
     if fresh:
         n, seconds = sum(len(f) for f in feats.values()), time.perf_counter() - t0
         try:
-            atomic_write(path, lambda fh: torch.save(feats, fh))
+            buf = io.BytesIO()
+            torch.save(feats, buf)
+            write_atomic(path, buf.getvalue(), then="run again")
             log(f"[{data.name}] {bb.label}: extracted {n} feature vectors in {seconds:.1f}s, cached in {path}")
         except UserError as e:                  # the probes can go on without a cache entry
             log(f"[{data.name}] {bb.label}: extracted {n} feature vectors in {seconds:.1f}s; warning: {e}")
@@ -760,8 +723,10 @@ def write_plot(results: dict, path: str) -> bool:
         ax.set_ylabel("macro F1")
     axes[0][0].legend()
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    write_atomic(path, buf.getvalue(), then="run again")
     return True
 
 
@@ -769,8 +734,8 @@ def write_outputs(results: dict, out_dir: str, log=print) -> list[str]:
     """results.json, results.csv and (with matplotlib) lowshot.png in out_dir; returns the paths written."""
     written = [os.path.join(out_dir, OUTPUTS[0]), os.path.join(out_dir, OUTPUTS[1])]
     doc = json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n"
-    atomic_write(written[0], lambda fh: fh.write(doc.encode()))
-    atomic_write(written[1], lambda fh: fh.write(_csv_bytes(results)))
+    write_atomic(written[0], doc.encode(), then="run again")
+    write_atomic(written[1], _csv_bytes(results), then="run again")
     png = os.path.join(out_dir, OUTPUTS[2])
     if write_plot(results, png):
         written.append(png)
@@ -785,26 +750,6 @@ def write_outputs(results: dict, out_dir: str, log=print) -> list[str]:
 # =====================================================================================================================
 #  evaluate(): validate everything, then probe every (backbone, data set) pair
 # =====================================================================================================================
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """--device: cpu, cuda, cuda:N (or mps where present); default cuda when a GPU is visible."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {name!r}: choose cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible to this torch ({torch.__version__}); "
-                        f"use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible (cuda:0..)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
-    return dev
 
 
 def validate_settings(trials, lowshot_trials, shots, image_size, batch_size, workers, seed, lowshot_solver) -> list:

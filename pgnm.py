@@ -1450,7 +1450,8 @@ def safe_load(path: str, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-TEMP_FILE = re.compile(r"^(checkpoint\.pth|checkpoint_prev\.pth|model_[a-z]+\.pth|log\.jsonl)\.tmp\.\d+$")
+TEMP_FILE = re.compile(r"^(checkpoint\.pth|checkpoint_prev\.pth|model_[a-z]+(_avg\d+)?\.pth|log\.jsonl|config\.json|"
+                       r"curves\.png|masks_epoch\d+\.png)\.tmp\.\d+$")     # write_atomic's temp files of a run
 
 
 def _create_new(path: str) -> int:
@@ -1463,37 +1464,45 @@ def _create_new(path: str) -> int:
         return os.open(path, flags, 0o644)
 
 
-def write_atomic(path: str, data: bytes, keep_previous: str | None = None) -> None:
+def write_atomic(path: str, data: bytes, keep_previous: str | None = None, then: str = "resume with --resume auto"
+                 ) -> None:
     """Write to a fresh temp file, fsync, then os.replace: a reader never sees a half-written file, and a symbolic link
     at `path` is replaced, its target untouched. With keep_previous, the old file is first moved there, so a complete
-    file exists at every instant. A failed write (disk full, quota, ...) removes the temp file, leaves the existing
-    files as they were and raises UserError."""
+    file exists at every instant. A failed write (disk full, quota, a folder in the way, ...) removes the temp file,
+    leaves the existing files as they were and raises UserError ending in 'free space or fix the folder, then <then>'.
+    Every file the three tools write goes through here."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        fd = _create_new(tmp)
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(_create_new(tmp), "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-    except OSError as e:
+        if keep_previous and os.path.lexists(path):
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        kept = f"; {os.path.basename(path)} is as it was" if os.path.exists(path) else ""
+        if not isinstance(e, OSError):
+            raise
+        kept = f"; {os.path.basename(path)} is as it was" if os.path.isfile(path) else ""
         raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__}){kept}: free space or fix the "
-                        f"folder, then resume with --resume auto") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if keep_previous and os.path.lexists(path):
-        os.replace(path, keep_previous)
-    os.replace(tmp, path)
+                        f"folder, then {then}") from None
     with contextlib.suppress(OSError, AttributeError):   # make the renames durable (POSIX; not on Windows)
         dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's bytes, hex, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
@@ -1557,12 +1566,8 @@ def verify_and_load(path: str) -> dict:
 
 
 def write_json_atomic(obj, path: str) -> None:
-    """JSON text through a temp file and os.replace, like atomic_save (config.json)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """JSON text (indented, one trailing newline) through write_atomic (config.json)."""
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
@@ -2342,9 +2347,9 @@ def save_mask_figure(path: str, images: torch.Tensor, masks: torch.Tensor, mean:
         draw.line((x1, y, x1 + 4, y), fill="black")
         draw.text((x1 + 7, y - 7), f"{v:g}", fill="black", font=small)
     draw.text((x0, y0 - 18), "mask", fill="black", font=small)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    canvas.save(buf, format="png")
+    write_atomic(path, buf.getvalue())
 
 
 def save_curves(log_path: str, path: str) -> bool:
@@ -2406,9 +2411,9 @@ def save_curves(log_path: str, path: str) -> bool:
         ax.set_visible(False)
     fig.suptitle(f"{phase}: {os.path.dirname(log_path) or '.'}/log.jsonl")
     fig.tight_layout()
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_atomic(path, buf.getvalue())
     return True
 
 
@@ -2418,8 +2423,8 @@ def save_curves(log_path: str, path: str) -> bool:
 
 
 def file_hash() -> str:
-    with open(__file__, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()[:10]
+    """This file's SHA-256, first 10 hex digits: printed at start so a log names the code that made it."""
+    return sha256_file(__file__)[:10]
 
 
 def build_schedulers(cfg: Config, optimizer, pol_optimizer):

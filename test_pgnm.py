@@ -2549,14 +2549,14 @@ def test_atomic_write_replaces_a_link_and_fails_in_one_line(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     os.symlink(victim, tmp_path / "out.txt")
-    ev.atomic_write(str(tmp_path / "out.txt"), lambda fh: fh.write(b"new"))
+    pgnm.write_atomic(str(tmp_path / "out.txt"), b"new")
     assert victim.read_text() == "keep me" and not os.path.islink(tmp_path / "out.txt")
     assert (tmp_path / "out.txt").read_text() == "new"
     os.makedirs(tmp_path / "dir.txt")
-    with pytest.raises(ev.UserError, match="cannot write .*dir.txt"):              # os.replace onto a folder
-        ev.atomic_write(str(tmp_path / "dir.txt"), lambda fh: fh.write(b"x"))
-    with pytest.raises(ev.UserError, match="cannot write .*missing/x.txt"):        # mkstemp in a missing folder
-        ev.atomic_write(str(tmp_path / "missing" / "x.txt"), lambda fh: fh.write(b"x"))
+    with pytest.raises(pgnm.UserError, match="cannot write .*dir.txt.*then run again"):    # replace onto a folder
+        pgnm.write_atomic(str(tmp_path / "dir.txt"), b"x", then="run again")
+    with pytest.raises(pgnm.UserError, match="cannot write .*missing/x.txt"):              # in a missing folder
+        pgnm.write_atomic(str(tmp_path / "missing" / "x.txt"), b"x")
     assert sorted(os.listdir(tmp_path)) == ["dir.txt", "out.txt", "victim.txt"]   # no temp file left behind
 
 
