@@ -3,8 +3,9 @@
 PGNM (Yavuz & Yang, "Policy Gradient-Driven Noise Mask", arXiv:2406.14568) pretrains a medical image classifier
 in two steps. In the *heated* phase a light policy network looks at each image and emits the shape parameters of a
 Beta distribution per cell of a G x G grid; a noise mask is sampled from it, upsampled, blurred and multiplied into
-the image; the classifier sees only the masked image; both networks are trained with REINFORCE on eq. 8 of the
-paper. The policy is then thrown away and the heated classifier is *fine-tuned* on clean images.
+the image; the classifier sees only the masked image. Both networks are trained on eq. 8 of the paper, the
+classifier through the cross-entropy of the masked image, the policy through the log-probability of its masks
+(a score-function term in the authors' form; `--objective reinforce` is our textbook REINFORCE variant). The policy is then thrown away and the heated classifier is *fine-tuned* on clean images.
 
     # the main job: heated pretraining on 8 GPUs (paper recipe: resnet50, batch 32/GPU, 90 epochs, grid 64, fp32;
     # add --amp for speed, which is ours: the authors' --amp was never applied)
@@ -245,6 +246,13 @@ def help_defaults(name: str) -> str:
     return "; ".join(parts)
 
 
+CHOICES = {"phase": PHASES, "model": MODEL_NAMES, "policy_model": MODEL_NAMES, "objective": ("paper", "reinforce"),
+           "noise": ("beta", "uniform", "gaussian"), "lr_warmup_method": ("linear", "constant"),
+           "amp_dtype": ("float16", "bfloat16"), "compile_mode": COMPILE_MODES,
+           "interpolation": ("bilinear", "bicubic", "nearest"),
+           "auto_augment": (None, "imagenet", "cifar10", "svhn", "ra", "ta_wide", "augmix")}    # the flags of a list
+
+
 def validate_config(cfg: Config) -> None:
     """Check every flag's value once, before any work, with messages that say what to do. Numbers must be finite and
     inside their range: a NaN or inf, or a value that would crash only after an epoch, stops here."""
@@ -264,11 +272,9 @@ def validate_config(cfg: Config) -> None:
                             f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
             raise UserError(f"{flag} {v}: must be {what}")
 
-    need(cfg.phase in PHASES, f"--phase {cfg.phase!r}: choose one of {', '.join(PHASES)}")
-    need(cfg.model in MODEL_NAMES, f"--model {cfg.model!r}: choose one of {', '.join(MODEL_NAMES)}")
-    need(cfg.policy_model in MODEL_NAMES, f"--policy-model {cfg.policy_model!r}: choose one of {', '.join(MODEL_NAMES)}")
-    need(cfg.objective in ("paper", "reinforce"), f"--objective {cfg.objective!r}: choose paper or reinforce")
-    need(cfg.noise in ("beta", "uniform", "gaussian"), f"--noise {cfg.noise!r}: choose beta, uniform or gaussian")
+    for name, allowed in CHOICES.items():
+        need(getattr(cfg, name) in allowed, f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
+             f"{', '.join(str(v) for v in allowed if v is not None)}")
     need(cfg.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None,
          f"--device {cfg.device!r}: choose cpu, cuda or cuda:N")
     need(cfg.resume is None or cfg.resume != "", "--resume '': give a checkpoint PATH or 'auto'")
@@ -304,14 +310,6 @@ def validate_config(cfg: Config) -> None:
     number("sigma", 0, lo_open=True)
     number("tau_image", 0, 1)
     number("tau_dataset", 0, 1)
-    need(cfg.lr_warmup_method in ("linear", "constant"), f"--lr-warmup-method {cfg.lr_warmup_method!r}: linear or constant")
-    need(cfg.amp_dtype in ("float16", "bfloat16"), f"--amp-dtype {cfg.amp_dtype!r}: float16 or bfloat16")
-    need(cfg.compile_mode in COMPILE_MODES, f"--compile-mode {cfg.compile_mode!r}: choose one of "
-         f"{', '.join(COMPILE_MODES)}")
-    need(cfg.interpolation in ("bilinear", "bicubic", "nearest"), f"--interpolation {cfg.interpolation!r}: "
-         "bilinear, bicubic or nearest")
-    need(cfg.auto_augment in (None, "imagenet", "cifar10", "svhn", "ra", "ta_wide", "augmix"),
-         f"--auto-augment {cfg.auto_augment!r}: imagenet, cifar10, svhn, ra, ta_wide or augmix")
     number("ra_magnitude", 0, 30)                 # RandAugment has 31 magnitude bins
     number("augmix_severity", 1, 10)
     number("mixup_alpha", 0)
@@ -335,7 +333,8 @@ def validate_config(cfg: Config) -> None:
 # =====================================================================================================================
 
 BETA_EPS = 1e-6  # masks are clamped to [eps, 1 - eps]: Beta.log_prob(0 or 1) is +-inf, and float32 samples hit 0/1
-LOG_CONCENTRATION_LIMIT = 20.0  # |log alpha|, |log beta| <= 20 keeps exp() finite in float32; never active in practice
+LOG_CONCENTRATION_LIMIT = 20.0  # |log alpha|, |log beta| <= 20 keeps exp() finite in float32; binds only when a
+#                                diverging policy emits larger values (a test provokes it)
 
 
 def mix_image_params(dataset_param: torch.Tensor, image_param: torch.Tensor, tau_i: float) -> torch.Tensor:
@@ -375,14 +374,14 @@ def sample_beta_mask(log_alpha: torch.Tensor, log_beta: torch.Tensor, eps: float
     return mask, logp
 
 
-def sample_fixed_noise(kind: str, shape: Sequence[int], device, generator: torch.Generator | None = None):
+def sample_fixed_noise(kind: str, shape: Sequence[int], device):
     """Table 4 ablations without a policy: 'uniform' M ~ U(0,1); 'gaussian' M ~ N(0.5, 0.2) clamped to [0,1].
 
     The paper gives no parameters for its Gaussian; 0.5 +- 0.2 keeps the mask's mean at the uniform's."""
     if kind == "uniform":
-        return torch.rand(shape, device=device, generator=generator)
+        return torch.rand(shape, device=device)
     if kind == "gaussian":
-        return (0.5 + 0.2 * torch.randn(shape, device=device, generator=generator)).clamp_(0.0, 1.0)
+        return (0.5 + 0.2 * torch.randn(shape, device=device)).clamp_(0.0, 1.0)
     raise ValueError(f"unknown noise kind {kind!r}")
 
 
@@ -442,8 +441,8 @@ def upsample_blur(mask: torch.Tensor, size: tuple[int, int], kernel: int, sigma:
 
 
 def reference_upsample_blur(mask: torch.Tensor, size: tuple[int, int], kernel: int, sigma: float) -> torch.Tensor:
-    """The authors' mask post-processing, kept as the oracle and as the --bench comparison: F.interpolate + a dense
-    torchvision gaussian_blur.   (B, G*G) -> (B, 1, H, W)"""
+    """The authors' mask post-processing, F.interpolate + a dense torchvision gaussian_blur, which --bench times as
+    the authors' formulation (upsample_blur gives the same mask, see its test).   (B, G*G) -> (B, 1, H, W)"""
     from torchvision.transforms.functional import gaussian_blur
     b = mask.shape[0]
     grid = int(round(math.sqrt(mask[0].numel())))
@@ -1254,9 +1253,9 @@ def build_mixup(cfg: Config, num_classes: int):
 
 @dataclass
 class DistInfo:
+    """This process's place in the run: its rank, the number of processes, and its device."""
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -1324,7 +1323,7 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     dev = resolve_device(device, local, world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    info = DistInfo(rank, world, local, dev)
+    info = DistInfo(rank, world, dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
@@ -2054,6 +2053,42 @@ def _memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
+def device_batch(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int):
+    """A loader batch on the run's device, through MixUp/CutMix (seeded by epoch and step, so a resumed run draws the
+    same) and in channels-last memory when the run uses it."""
+    x = x.to(run.info.device, non_blocking=True)
+    y = y.to(run.info.device, non_blocking=True)
+    if run.mixup is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(run.cfg.seed, epoch, step, stream=2))
+            x, y = run.mixup(x, y)
+    if run.cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def progress_line(run: Run, state: StepState, fwd: Forward, where: tuple[int, int, int, int], t_epoch: float,
+                  seen: int, data_time: float, clock: RunClock | None) -> str:
+    """The every---print-freq line: loss, lr, img/s, data time, the epoch's and the run's ETA, mask mean,
+    alpha_d/beta_d means, memory. `where` is (epoch, step, the epoch's first step, its step count), 0-based."""
+    epoch, step, start_step, total = where
+    el = time.perf_counter() - t_epoch
+    done = step + 1 - start_step
+    sec_per_step = el / max(done, 1)
+    parts = [f"[{run.cfg.phase}] epoch {epoch + 1}/{run.cfg.epochs} step {step + 1}/{total}",
+             f"loss {fwd.loss.item():.4f}", f"lr {run.optimizer.param_groups[0]['lr']:.5g}",
+             f"img/s {seen * run.info.world / max(el, 1e-9):.1f}", f"data {data_time / max(done, 1):.4f}s",
+             f"epoch eta {datetime.timedelta(seconds=int(sec_per_step * (total - step - 1)))}"]
+    if clock is not None:
+        parts.append(f"run eta {clock.remaining(epoch, sec_per_step, total - step - 1)}")
+    if fwd.mask is not None:
+        parts.append(f"mask {fwd.mask.mean().item():.3f}")
+    if state.alpha_d is not None:
+        parts.append(f"alpha_d {state.alpha_d.mean().item():.3f} beta_d {state.beta_d.mean().item():.3f}")
+    parts.append(f"mem {_memory_mb(run.info.device):.0f}MB")
+    return "  ".join(parts)
+
+
 def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: int, log, on_step=None,
                     preemption: Preemption | None = None, clock: RunClock | None = None) -> dict:
     """Train for one (possibly resumed) epoch. Logs a progress line every print_freq steps, with the epoch's and
@@ -2076,21 +2111,14 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
                                 f"{step + 1}): fix or remove the broken images listed above")
             t_last = time.perf_counter()
             continue
-        x = x.to(dev, non_blocking=True)
-        y = y.to(dev, non_blocking=True)
-        if run.mixup is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(cfg.seed, epoch, step, stream=2))
-                x, y = run.mixup(x, y)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = device_batch(run, x, y, epoch, step)
         amp_skipped_before = state.amp_skipped
         fwd, taken, stop = train_step(run, state, x, y, preemption is not None and preemption.signalled)
         if taken:
             loss_sum += fwd.loss.detach()
             n_ok += 1
         elif state.amp_skipped == amp_skipped_before:
-            log(f"warning: non-finite step skipped (epoch {epoch} step {step}; {state.bad_in_a_row} in a row, "
+            log(f"warning: non-finite step skipped (epoch {epoch + 1} step {step + 1}; {state.bad_in_a_row} in a row, "
                 f"{state.bad_total} in total)")
         elif state.amp_skipped == 1:          # the run's first: explained once, later ones are only counted
             log(f"note: fp16 overflow at epoch {epoch + 1} step {step + 1}: GradScaler skipped the step and lowered "
@@ -2098,22 +2126,7 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
                 f"(amp_skipped_steps in log.jsonl and a count at each epoch's end)")
         seen += x.shape[0]
         if (step + 1) % cfg.print_freq == 0 or step + 1 == total:
-            el = time.perf_counter() - t_epoch
-            done = step + 1 - start_step
-            sec_per_step = el / max(done, 1)
-            eta = datetime.timedelta(seconds=int(sec_per_step * (total - step - 1)))
-            parts = [f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{total}",
-                     f"loss {fwd.loss.item():.4f}", f"lr {run.optimizer.param_groups[0]['lr']:.5g}",
-                     f"img/s {seen * run.info.world / max(el, 1e-9):.1f}", f"data {data_time / max(done, 1):.4f}s",
-                     f"epoch eta {eta}"]
-            if clock is not None:
-                parts.append(f"run eta {clock.remaining(epoch, sec_per_step, total - step - 1)}")
-            if fwd.mask is not None:
-                parts.append(f"mask {fwd.mask.mean().item():.3f}")
-            if state.alpha_d is not None:
-                parts.append(f"alpha_d {state.alpha_d.mean().item():.3f} beta_d {state.beta_d.mean().item():.3f}")
-            parts.append(f"mem {_memory_mb(dev):.0f}MB")
-            log("  ".join(parts))
+            log(progress_line(run, state, fwd, (epoch, step, start_step, total), t_epoch, seen, data_time, clock))
         if on_step is not None:
             on_step(step + 1, loss_sum, n_ok, stop)
         if state.bad_in_a_row >= cfg.max_bad_steps:
@@ -2887,6 +2900,26 @@ def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict
     return rec
 
 
+EPOCH_LINE_KEYS = ("val_acc", "val_balanced_acc", "val_f1", "val_auroc", "val_entropy", "val_noisy_acc",
+                   "val_noisy_balanced_acc", "mask_image_spread")     # the metrics an epoch's "done" line shows
+
+
+def write_mask_figure(run: Run, epoch: int, fixed: FixedImages, masks: torch.Tensor, rec: dict) -> str:
+    """<output-dir>/masks_epochNNN.png (--save-masks): the fixed validation images, their masks and the masked
+    images, titled with the epoch's mask statistics. Returns the path."""
+    cfg, n = run.cfg, len(fixed.names)
+    path = os.path.join(cfg.output_dir, f"masks_epoch{epoch + 1:03d}.png")
+    head = f"{cfg.phase} epoch {epoch + 1}/{cfg.epochs}: "
+    title = [head + (f"the masks the policy gives {n} fixed validation images (same images and seed every epoch)"
+                     if run.policy is not None else f"--noise {cfg.noise} masks (no policy) on {n} fixed validation "
+                                                    f"images")]
+    if "mask_image_spread" in rec:
+        title.append(f"expected mask value E[M]: dataset-level {rec['mask_mean_dataset']:.3f}; spread "
+                     f"across images {rec['mask_image_spread']:.4f} (0 = the same mask for every image)")
+    save_mask_figure(path, fixed.x, masks, cfg.mean, cfg.std, fixed.names, title)
+    return path
+
+
 def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
                  preemption: Preemption | None = None) -> dict:
     """The epoch loop: train (checkpointing every --save-every-steps and on a stop signal), average BatchNorm
@@ -2914,8 +2947,8 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
 
             def on_step(step, loss_sum, n_ok, stop, epoch=epoch, meter=meter):
                 if stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < spe):
-                    acc = {"loss_sum": meter["loss_sum"] + float(loss_sum), "n_ok": meter["n_ok"] + n_ok}
-                    save_checkpoint(run, state, epoch, step, spe, acc)
+                    so_far = {"loss_sum": meter["loss_sum"] + float(loss_sum), "n_ok": meter["n_ok"] + n_ok}
+                    save_checkpoint(run, state, epoch, step, spe, so_far)
 
             stats = train_one_epoch(run, state, data.train_loader, epoch, step0, log, on_step, preemption, clock)
             t_trained = time.perf_counter()
@@ -2942,23 +2975,11 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
             save_checkpoint(run, state, epoch, spe, spe, {"loss_sum": 0.0, "n_ok": 0})
             clock.outside = time.perf_counter() - t_trained     # evaluation and checkpoint, for the ETAs
             log(f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} done: train_loss {rec['train_loss']:.4f}  "
-                + "  ".join(f"{k} {rec[k]:.4f}" for k in ("val_acc", "val_balanced_acc", "val_f1", "val_auroc",
-                                                          "val_entropy", "val_noisy_acc", "val_noisy_balanced_acc",
-                                                          "mask_image_spread")
-                            if k in rec)
+                + "  ".join(f"{k} {rec[k]:.4f}" for k in EPOCH_LINE_KEYS if k in rec)
                 + f"  | epoch {datetime.timedelta(seconds=int(time.perf_counter() - t_start))}"
                   f"  run eta {clock.remaining(epoch, stats['sec_per_step'], 0, evaluated=True)}")
             if run.info.is_main and cfg.save_masks and masks is not None:
-                path = os.path.join(out_dir, f"masks_epoch{epoch + 1:03d}.png")
-                title = [f"{cfg.phase} epoch {epoch + 1}/{cfg.epochs}: the masks the policy gives {len(fixed.names)} "
-                         f"fixed validation images (same images and seed every epoch)" if run.policy is not None else
-                         f"{cfg.phase} epoch {epoch + 1}/{cfg.epochs}: --noise {cfg.noise} masks (no policy) on "
-                         f"{len(fixed.names)} fixed validation images"]
-                if "mask_image_spread" in rec:
-                    title.append(f"expected mask value E[M]: dataset-level {rec['mask_mean_dataset']:.3f}; spread "
-                                 f"across images {rec['mask_image_spread']:.4f} (0 = the same mask for every image)")
-                save_mask_figure(path, fixed.x, masks[0], cfg.mean, cfg.std, fixed.names, title)
-                log(f"wrote {path}")
+                log(f"wrote {write_mask_figure(run, epoch, fixed, masks[0], rec)}")
             clock.outside = time.perf_counter() - t_trained
             last = rec
             if epoch + 1 < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:
@@ -3170,20 +3191,24 @@ def bench_device(cfg: Config, log=print) -> tuple[DistInfo, Callable]:
         torch.backends.cudnn.benchmark = True
     elif not cfg.no_malloc_tuning:
         tune_cpu_allocator(log)
-    return DistInfo(0, 1, local, dev), log
+    return DistInfo(0, 1, dev), log
 
 
-def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
-    """Time, interleaved on one batch: (a) a baseline classifier step, (b) our heated step, (c) a classifier step on
-    a pre-made masked batch, (d) a policy step alone, (e) the mask pipeline alone, (f) the authors' heated step with
-    this run's memory format and optimiser (fp32: their code has no autocast), (g) the authors' heated step as they
-    ran it: fp32, contiguous memory, no compile, torch's default SGD, on separate copies of the networks.
-    (a)-(e) use the flags given (--amp, --amp-dtype, --channels-last, --compile, --policy-size).
-    Prints medians and ratios and one JSON line; returns the numbers."""
-    validate_config(dataclasses.replace(cfg, phase="heated"))
-    info, log = bench_device(cfg, log)
+def _scaled_step(run: Run, loss: torch.Tensor, optimizer) -> None:
+    """backward + step of one optimiser, through the fp16 GradScaler when the run has one."""
+    optimizer.zero_grad(set_to_none=True)
+    if run.scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(optimizer)
+        run.scaler.update()
+
+
+def bench_variants(cfg: Config, info: DistInfo) -> tuple[Run, dict[str, Callable]]:
+    """The networks, optimisers and one fixed batch of --bench, and its variants (a)-(g) (see bench) as closures."""
     dev = info.device
-    torch.manual_seed(cfg.seed)
     b, s, g = cfg.batch_size, cfg.train_crop_size, cfg.grid
     hcfg = dataclasses.replace(cfg, phase="heated", noise="beta", channels_last=use_channels_last(cfg, dev))
     fmt = torch.channels_last if hcfg.channels_last else torch.contiguous_format
@@ -3191,10 +3216,9 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
     policy = PolicyNet(g, cfg.policy_model).to(dev, memory_format=fmt)
     opt = make_sgd(model.parameters(), dev, lr=1e-4, momentum=0.9, weight_decay=1e-4)
     pol_opt = make_sgd(policy.parameters(), dev, lr=1e-5, momentum=0.9, weight_decay=1e-4)
-    authors_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    authors_policy = copy.deepcopy(policy).to(memory_format=torch.contiguous_format)
-    authors_opts = (torch.optim.SGD(authors_model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4),
-                    torch.optim.SGD(authors_policy.parameters(), lr=1e-5, momentum=0.9, weight_decay=1e-4))
+    authors_nets = [copy.deepcopy(n).to(memory_format=torch.contiguous_format) for n in (model, policy)]
+    authors_opts = [torch.optim.SGD(n.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+                    for n, lr in zip(authors_nets, (1e-4, 1e-5))]
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "float16" else None
     run = Run(hcfg, info, model, opt, policy=policy, pol_optimizer=pol_opt, scaler=scaler)
     state = StepState(torch.rand(1, g * g, device=dev), torch.rand(1, g * g, device=dev))
@@ -3206,98 +3230,103 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
     x = x_plain.contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (b,), device=dev)
     x_masked = (x * make_mask(run, state, x)[0]).detach().contiguous(memory_format=fmt)
-    base = [state.alpha_d.clone(), state.beta_d.clone()]
-    authors_base = [state.alpha_d.clone(), state.beta_d.clone()]
+    bases = [[state.alpha_d.clone(), state.beta_d.clone()] for _ in range(2)]    # the authors' own alpha_d/beta_d
 
-    def classifier_step(inp):
+    def classifier_step(inp):                  # (a), (c): cross-entropy of the classifier alone
         mark_step()
         with run.autocast():
             out = run.model(inp)
-        loss = F.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        _scaled_step(run, F.cross_entropy(out.float(), y), opt)
 
-    def policy_step():
+    def policy_step():                         # (d): the policy, eq. 10-11, the Beta draw and its logP term
         mark_step()
         x_policy = x if cfg.policy_size is None else F.interpolate(x, size=cfg.policy_size, mode="bilinear",
                                                                    antialias=True)
         with run.autocast():
-            a, bb = run.policy(x_policy)
-        m, logp = sample_beta_mask(mix_image_params(state.alpha_d, a.float(), 0.9),
-                                   mix_image_params(state.beta_d, bb.float(), 0.9))
-        loss = torch.logsumexp(logp, 1).mean()
-        pol_opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.step(pol_opt)
-            scaler.update()
-        else:
-            pol_opt.step()
+            log_a, log_b = run.policy(x_policy)
+        _, logp = sample_beta_mask(mix_image_params(state.alpha_d, log_a.float(), 0.9),
+                                   mix_image_params(state.beta_d, log_b.float(), 0.9))
+        _scaled_step(run, torch.logsumexp(logp, 1).mean(), pol_opt)
 
-    def mask_only():
-        with torch.no_grad():
-            m, _ = sample_beta_mask(state.alpha_d.expand(b, -1), state.beta_d.expand(b, -1))
-            upsample_blur(m, (s, s), cfg.kernel, cfg.sigma)
+    @torch.no_grad()
+    def mask_only():                           # (e): sample + upsample + blur
+        m, _ = sample_beta_mask(state.alpha_d.expand(b, -1), state.beta_d.expand(b, -1))
+        upsample_blur(m, (s, s), cfg.kernel, cfg.sigma)
 
-    variants = {
+    return run, {
         "baseline": lambda: classifier_step(x),
         "heated": lambda: train_step(run, state, x, y),
         "classifier": lambda: classifier_step(x_masked),
         "policy": policy_step,
         "mask": mask_only,
-        "authors": lambda: _authors_heated_step(run.model_raw, run.policy_raw, opt, pol_opt, base, x, y, cfg),
-        "authors_fp32": lambda: _authors_heated_step(authors_model, authors_policy, *authors_opts, authors_base,
-                                                     x_plain, y, cfg),
+        "authors": lambda: _authors_heated_step(run.model_raw, run.policy_raw, opt, pol_opt, bases[0], x, y, cfg),
+        "authors_fp32": lambda: _authors_heated_step(*authors_nets, *authors_opts, bases[1], x_plain, y, cfg),
     }
+
+
+def time_interleaved(variants: dict[str, Callable], rounds: int, warmup: int, dev: torch.device
+                     ) -> dict[str, np.ndarray]:
+    """Milliseconds of each variant per round, the variants run one after another in every round and the order
+    rotated from round to round (no variant always runs first); the first `warmup` rounds are not kept."""
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in variants}
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     names = list(variants)
     for r in range(warmup + rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:   # rotate: no variant always runs first
-            fn = variants[name]
+        for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
             t0 = time.perf_counter()
-            fn()
+            variants[name]()
             sync()
             if r >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    iqr = {k: (float(np.percentile(v, 25)), float(np.percentile(v, 75))) for k, v in times.items()}
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+BENCH_LABELS = {"baseline": "(a) baseline classifier step", "heated": "(b) heated step (ours)",
+                "classifier": "(c) classifier step, masked batch", "policy": "(d) policy step alone",
+                "mask": "(e) mask pipeline alone", "authors": "(f) authors' heated step, these flags",
+                "authors_fp32": "(g) authors' step as they ran it"}
+
+
+def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
+    """Time, interleaved on one batch: (a) a baseline classifier step, (b) our heated step, (c) a classifier step on
+    a pre-made masked batch, (d) a policy step alone, (e) the mask pipeline alone, (f) the authors' heated step with
+    this run's memory format and optimiser (fp32: their code has no autocast), (g) the authors' heated step as they
+    ran it: fp32, contiguous memory, no compile, torch's default SGD, on separate copies of the networks.
+    (a)-(e) use the flags given (--amp, --amp-dtype, --channels-last, --compile, --policy-size).
+    Prints medians and ratios and one JSON line; returns the numbers."""
+    validate_config(dataclasses.replace(cfg, phase="heated"))
+    info, log = bench_device(cfg, log)
+    dev, b = info.device, cfg.batch_size
+    torch.manual_seed(cfg.seed)
+    run, variants = bench_variants(cfg, info)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t = time_interleaved(variants, rounds, warmup, dev)
+    med = {k: float(np.median(v)) for k, v in t.items()}
     res = {f"{k}_ms": round(v, 3) for k, v in med.items()}
     # Ratios are paired: computed within each round (its variants ran seconds apart), then the median over rounds,
     # so a machine whose speed drifts over minutes does not bias them.
-    t = {k: np.asarray(v) for k, v in times.items()}
-    res.update(heated_over_parts=round(float(np.median(t["heated"] / (t["classifier"] + t["policy"]))), 4),
-               heated_over_baseline=round(float(np.median(t["heated"] / t["baseline"])), 4),
-               mask_share=round(float(np.median(t["mask"] / t["heated"])), 4),
-               authors_over_heated=round(float(np.median(t["authors"] / t["heated"])), 4),
-               authors_fp32_over_heated=round(float(np.median(t["authors_fp32"] / t["heated"])), 4),
-               heated_img_s=round(b / med["heated"] * 1e3, 1),
-               peak_mem_mb=round(_memory_mb(dev), 1))
+    ratio = lambda num, den: round(float(np.median(num / den)), 4)     # noqa: E731
+    res.update(heated_over_parts=ratio(t["heated"], t["classifier"] + t["policy"]),
+               heated_over_baseline=ratio(t["heated"], t["baseline"]), mask_share=ratio(t["mask"], t["heated"]),
+               authors_over_heated=ratio(t["authors"], t["heated"]),
+               authors_fp32_over_heated=ratio(t["authors_fp32"], t["heated"]),
+               heated_img_s=round(b / med["heated"] * 1e3, 1), peak_mem_mb=round(_memory_mb(dev), 1))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     flags = dict(device=str(dev), device_name=name, torch=torch.__version__, model=cfg.model,
-                 policy_model=cfg.policy_model, batch_size=b, crop=s, grid=g,
+                 policy_model=cfg.policy_model, batch_size=b, crop=cfg.train_crop_size, grid=cfg.grid,
                  amp=str(run.autocast().fast_dtype).replace("torch.", "") if cfg.amp else "off",
-                 channels_last=hcfg.channels_last,
-                 compile=cfg.compile_mode if cfg.compile else "off", policy_size=cfg.policy_size, rounds=rounds,
+                 channels_last=run.cfg.channels_last, compile=cfg.compile_mode if cfg.compile else "off",
+                 policy_size=cfg.policy_size, rounds=rounds,
                  sgd="fused" if sgd_implementation(dev)["fused"] else "default")
-    log(f"bench: {cfg.model} + policy {cfg.policy_model}, batch {b}, {s} px, grid {g}, kernel {cfg.kernel}, "
-        f"amp {flags['amp']}, channels-last {'on' if hcfg.channels_last else 'off'}, compile {flags['compile']}, "
-        f"policy size {cfg.policy_size or 'full'}, device {dev} ({name}), median of {rounds}")
-    labels = {"baseline": "(a) baseline classifier step", "heated": "(b) heated step (ours)",
-              "classifier": "(c) classifier step, masked batch", "policy": "(d) policy step alone",
-              "mask": "(e) mask pipeline alone", "authors": "(f) authors' heated step, these flags",
-              "authors_fp32": "(g) authors' step as they ran it"}
-    for k, lab in labels.items():
-        log(f"  {lab:<38} {med[k]:9.2f} ms  [{iqr[k][0]:.1f}-{iqr[k][1]:.1f}]  {b / med[k] * 1e3:9.1f} img/s")
+    log(f"bench: {cfg.model} + policy {cfg.policy_model}, batch {b}, {cfg.train_crop_size} px, grid {cfg.grid}, "
+        f"kernel {cfg.kernel}, amp {flags['amp']}, channels-last {'on' if run.cfg.channels_last else 'off'}, "
+        f"compile {flags['compile']}, policy size {cfg.policy_size or 'full'}, device {dev} ({name}), "
+        f"median of {rounds}")
+    for k, lab in BENCH_LABELS.items():
+        q1, q3 = np.percentile(t[k], 25), np.percentile(t[k], 75)
+        log(f"  {lab:<38} {med[k]:9.2f} ms  [{q1:.1f}-{q3:.1f}]  {b / med[k] * 1e3:9.1f} img/s")
     log(f"  heated / (classifier + policy) = {res['heated_over_parts']:.3f}   heated / baseline = "
         f"{res['heated_over_baseline']:.3f}   mask share of heated = {res['mask_share']:.4f}")
     log(f"  authors / ours = {res['authors_over_heated']:.3f}   authors as they ran it (fp32, contiguous) / ours = "
