@@ -253,6 +253,20 @@ CHOICES = {"phase": PHASES, "model": MODEL_NAMES, "policy_model": MODEL_NAMES, "
            "auto_augment": (None, "imagenet", "cifar10", "svhn", "ra", "ta_wide", "augmix")}    # the flags of a list
 
 
+def check_number(cfg: Config, name: str, lo: float, hi: float = math.inf, lo_open: bool = False,
+                 hi_open: bool = False, what: str = "", optional: bool = False) -> None:
+    """UserError unless cfg.<name> is a finite number in [lo, hi] (or open at either end); None passes if optional."""
+    v, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+    if v is None and optional:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+        (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        what = what or ((f"> {lo}" if lo_open else f">= {lo}") if hi == math.inf else
+                        f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+        raise UserError(f"{flag} {v}: must be {what}")
+
+
 def validate_config(cfg: Config) -> None:
     """Check every flag's value once, before any work, with messages that say what to do. Numbers must be finite and
     inside their range: a NaN or inf, or a value that would crash only after an epoch, stops here."""
@@ -260,18 +274,7 @@ def validate_config(cfg: Config) -> None:
         if not cond:
             raise UserError(msg)
 
-    def number(name: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
-               what: str = "", optional: bool = False):
-        v, flag = getattr(cfg, name), "--" + name.replace("_", "-")
-        if v is None and optional:
-            return
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
-            (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        if not ok:
-            what = what or ((f"> {lo}" if lo_open else f">= {lo}") if hi == math.inf else
-                            f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
-            raise UserError(f"{flag} {v}: must be {what}")
-
+    number = functools.partial(check_number, cfg)
     for name, allowed in CHOICES.items():
         need(getattr(cfg, name) in allowed, f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
              f"{', '.join(str(v) for v in allowed if v is not None)}")
