@@ -2048,6 +2048,28 @@ def test_fp16_gradscaler_on_gpu(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sigterm_to_the_process_group_on_cuda_with_amp_and_workers_checkpoints_exits_3_and_resumes(tmp_path):
+    """What scancel does to a GPU job: SIGTERM to every process of the group, the DataLoader workers included."""
+    import signal
+    out = str(tmp_path / "o")
+    args = [*TINY_CLI[:-2], "--device", "cuda", "--amp", "--workers", "2", "--epochs", "3", "--output-dir", out]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pgnm.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if "epoch 2/3 step 5/12" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    ck = pgnm.verify_and_load(os.path.join(out, "checkpoint.pth"))
+    assert ck["epoch"] == 1 and 5 <= ck["step"] < 12 and ck["scaler"] is not None
+    res = run_cli(*args, "--resume", "auto")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from {os.path.join(out, 'checkpoint.pth')}" in res.stdout
+    assert len([r for r in read_log(out) if not r.get("final")]) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_amp_resume_restores_the_scaler_state_on_gpu(tmp_path, monkeypatch):
     pgnm.main(tiny(output_dir=str(tmp_path), amp=True, device="cuda", epochs=1))
     path = tmp_path / "checkpoint.pth"
