@@ -3034,18 +3034,24 @@ def describe_output(name: str, cfg: Config) -> str:
         return "losses, accuracies" + (" and the masks' statistics" if cfg.phase == "heated" else "") + " per epoch"
     if name.startswith("masks_epoch"):
         return "the policy's masks on fixed validation images, one figure per epoch"
+    if name.startswith(EPOCH_WEIGHTS + "/"):
+        return f"one epoch's classifier weights, kept for --average-last {cfg.average_last}"
     if name.startswith(f"model_{cfg.phase}_avg"):
         return f"the mean of the last epochs' classifier weights (--average-last {cfg.average_last})"
     return "written by this run"
 
 
+SERIES = ("masks_epoch", EPOCH_WEIGHTS + "/model_epoch")        # per-epoch files, listed as one line each
+
+
 def written_since(out_dir: str, since: float) -> list[str]:
-    """The files of the output directory written since `since` (time.time()), but not the run's lock, in a fixed
-    order: the model, the checkpoints, the log and the config, then figures and anything else by name."""
+    """The files of the output directory (and its epoch_weights/) written since `since` (time.time()), but not the
+    run's lock, in a fixed order: the model, the checkpoints, the log and the config, then figures and anything else by name."""
     if not os.path.isdir(out_dir):
         return []
-    names = [e.name for e in os.scandir(out_dir) if e.is_file() and ".tmp." not in e.name and e.name != ".lock"
-             and e.stat().st_mtime >= since - 0.05]
+    folders = [(out_dir, ""), (os.path.join(out_dir, EPOCH_WEIGHTS), EPOCH_WEIGHTS + "/")]
+    names = [prefix + e.name for folder, prefix in folders if os.path.isdir(folder) for e in os.scandir(folder)
+             if e.is_file() and ".tmp." not in e.name and e.name != ".lock" and e.stat().st_mtime >= since - 0.05]
     first = ("model_", CHECKPOINT, CHECKPOINT_PREV, "log.jsonl", CONFIG_JSON, "curves.png")
     return sorted(names, key=lambda n: (next((i for i, p in enumerate(first) if n.startswith(p)), len(first)), n))
 
@@ -3061,15 +3067,16 @@ def log_summary(cfg: Config, final: dict, seconds: float, files: Sequence[str], 
     log(f"[{cfg.phase}] finished in {datetime.timedelta(seconds=int(seconds))} ({cfg.epochs} epochs). "
         f"{split} split: {metrics}")
     log(f"[{cfg.phase}] files written:")
-    masks = [n for n in files if n.startswith("masks_epoch")]
     width = max((len(os.path.join(cfg.output_dir, n)) for n in files), default=0)
     for n in files:
-        if n.startswith("masks_epoch") and n != masks[0]:
-            continue
+        head = next((p for p in SERIES if n.startswith(p)), None)
+        series = [m for m in files if head is not None and m.startswith(head)]
+        if series and n != series[0]:
+            continue                           # a series of per-epoch files is one line: first .. last
         path = os.path.join(cfg.output_dir, n)
-        if n.startswith("masks_epoch") and len(masks) > 1:
-            last = os.path.join(cfg.output_dir, masks[-1])
-            log(f"  {path} .. {last}  ({len(masks)} files) {describe_output(n, cfg)}")
+        if len(series) > 1:
+            log(f"  {path} .. {os.path.join(cfg.output_dir, series[-1])}  ({len(series)} files) "
+                f"{describe_output(n, cfg)}")
         else:
             log(f"  {path:<{width}}  {describe_output(n, cfg)}")
     model = os.path.join(cfg.output_dir, f"model_{cfg.phase}.pth")

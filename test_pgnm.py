@@ -477,7 +477,7 @@ def test_average_cli_reads_the_authors_epoch_files(tmp_path):
     assert list(out) == list(expected) and all(torch.equal(out[k], expected[k]) for k in out)
 
 
-def test_average_last_survives_a_kill_and_counts_clamps_across_a_resume(tmp_path, monkeypatch):
+def test_average_last_survives_a_kill_and_counts_clamps_across_a_resume(tmp_path, monkeypatch, capsys):
     """--average-last 2 on a 2-epoch heated run, straight and killed mid-epoch 2 then resumed: the same averaged
     file, equal to the hand average of the kept epoch files; the epoch's clamp count carried over the resume.
     Concentrations are scaled by 0.3 (so the clamp binds) in both runs."""
@@ -486,6 +486,9 @@ def test_average_last_survives_a_kill_and_counts_clamps_across_a_resume(tmp_path
     kw = dict(epochs=2, average_last=2, save_every_steps=3, synthetic_per_class=2)     # 6 steps per epoch
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     pgnm.main(tiny(output_dir=straight, **kw))
+    printed = capsys.readouterr().out               # the summary names the kept epoch files and the average
+    assert (f"  {pgnm.epoch_weights_path(straight, 1)} .. {pgnm.epoch_weights_path(straight, 2)}  (2 files) "
+            in printed and f"  {os.path.join(straight, 'model_heated_avg2.pth')} " in printed), printed
     kept = [torch.load(pgnm.epoch_weights_path(straight, e), weights_only=True) for e in (1, 2)]
     avg = torch.load(os.path.join(straight, "model_heated_avg2.pth"), weights_only=True)
     final = torch.load(os.path.join(straight, "model_heated.pth"), weights_only=True)
