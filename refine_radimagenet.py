@@ -232,10 +232,15 @@ class CleanParams:
     cross_peak: float = 2.8             # + and x marks: a peak above this contrast ...
     cross_arms: float = 1.6             # ... whose two arms outshine the directions 45+ degrees from both by this
     stroke_contrast: float = 2.5        # short vertical strokes (5 px) this much brighter than both sides
+    glyph_level: float = 1.5            # glyphs: connected pixels above this contrast, ...
+    glyph_size: int = 8                 # ... at least this many, ...
+    glyph_contrast: float = 2.8         # ... this bright on average, ...
+    glyph_ring: float = 0.2             # ... the pixels around them at most this bright on average, ...
+    glyph_solid: float = 0.05           # ... and at most this share of them with all 8 neighbours in the piece
     continue_contrast: float = 1.5      # annotation in the margin or in colour continues into the fan along pixels
     continue_steps: int = 4             # ... above this contrast, up to this many px (text, marks across the edge)
     grow_contrast: float = 1.0          # a detection takes in the pixels above this contrast ...
-    grow_steps: int = 3                 # ... within this many px
+    grow_steps: int = 1                 # ... within this many px
     halo: int = 1                       # finally the mask grows by this many px (anti-aliased, resampled edges)
 
 
@@ -244,8 +249,9 @@ def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.n
     margin is thinner than the opening), holes filled (anechoic regions), plus the opened area's convex hull (an
     anechoic region on the fan's edge is still inside it). Then each piece of non-black left outside that touches it
     is decided whole: tissue if it lies within fan_open + 2 px of the hull (corners the opening rounded off) or if it
-    is a dim, solid patch (a corner that a dark region cut off from the rest: at most fan_dim bright, a quarter of it
-    solid); annotation otherwise (text or a ruler that touches the fan stays margin, all of it)."""
+    is a solid patch (an acute corner, or one that a dark region cut off from the rest: 40% of its pixels have all 8
+    neighbours in it, or 25% if it is no brighter than fan_dim); annotation otherwise (text or a ruler that touches
+    the fan stays margin, all of it: strokes are thin)."""
     nonblack = grey > p.black_level
     core = grow_mask(erode(nonblack.astype(np.uint8), p.fan_open).astype(bool), p.fan_open)
     step = 4                                               # components are labelled on a 4x coarser grid: speed
@@ -265,7 +271,8 @@ def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.n
         np.maximum.at(brightest, pieces.ravel(), grey.ravel())
         solid = count(erode((pieces > 0).astype(np.uint8), 1).astype(bool))
         in_band = count(~band) == 0
-        tissue = (count(grow_mask(fan, 1)) > 0) & (in_band | ((brightest <= p.fan_dim) & (solid >= 0.25 * size)))
+        tissue = (count(grow_mask(fan, 1)) > 0) & (in_band | (solid >= 0.4 * size) |
+                                                  ((brightest <= p.fan_dim) & (solid >= 0.25 * size)))
         tissue[0] = False
         fan = fan | tissue[pieces]
     solid = erode(nonblack.astype(np.uint8), 1).astype(bool) & band     # a corner that annotation touches: its solid
@@ -335,6 +342,10 @@ def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.nd
     return np.nonzero((z >= dilate(z, 1)) & (z > t) & valid)
 
 
+DOT_SCALE, DOT_GAP = 1.5, 7            # a caliper's dots: samples this many caliper_contrast above the sides, and
+                                        # the most px between two dots that are joined
+
+
 def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
     """Dotted (or solid) straight segments between two strong peaks: calipers and the like. Each fifth of the segment
     must average caliper_contrast above the parallel segments 3 px to either side."""
@@ -381,17 +392,21 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
     good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
                 & ((gaps < p.caliper_gap) | thin)] if cand.size else cand
     near = np.zeros(z.shape, bool)
-    for a in good[np.argsort(-length[good], kind="stable")]:   # longest first; paint, trimming ends the dots miss
-        if near[ys[i[a]], xs[i[a]]] and near[ys[j[a]], xs[j[a]]]:
-            continue                                      # a piece of a segment already painted
+    weaker = np.minimum(z[ys[i], xs[i]], z[ys[j], xs[j]])
+    for a in good[np.lexsort((-length[good], -weaker[good]))]:   # the strongest ends first (the marks), then longest
         s = np.linspace(0, 1, int(length[a]) + 1)
+        if near[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)].mean() > 0.95:
+            continue                                      # mostly a segment already painted (or it and a bit more)
         sy, sx = (3 * dx[a] / length[a], -3 * dy[a] / length[a])
         on, ok = along(np.array([a]), s)
         side = np.maximum(along(np.array([a]), s, sy, sx)[0], along(np.array([a]), s, -sy, -sx)[0])
-        local = np.convolve((on - side)[0] * ok[0], np.ones(5) / 5, mode="same")
-        kept = local > p.caliper_contrast / 2             # only stretches with dots: no bridge past an end
-        if kept.any():
-            s = s[kept]
+        dots = np.flatnonzero(((on - side)[0] > DOT_SCALE * p.caliper_contrast) & ok[0])
+        if dots.size:                                     # paint from dot to dot where they are close: not past an end
+            bridged = np.zeros(len(s), bool)
+            for d0, d1 in zip(dots[:-1], dots[1:]):
+                bridged[d0:d1 + 1] |= d1 - d0 <= DOT_GAP
+            bridged[dots] = True
+            s = s[bridged]
             out[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)] = True
             near = grow_mask(out, 1)
     return out | (grow_mask(out, 1) & (z > p.caliper_peak - 0.5) & valid)
@@ -428,6 +443,25 @@ def grow_within(seed: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray
     for _ in range(steps):
         m = grow_mask(m, 1) & allowed
     return m
+
+
+def glyphs(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
+    """Marks, arrows, letters over tissue: connected pieces of pixels above glyph_level that are big enough, bright
+    on average, thin (no pixel with all 8 neighbours in the piece, or few) and on plain tissue (the pixels around
+    them are not bright). Speckle makes small or dim pieces, a specular reflection a solid one in a bright halo."""
+    bright = (z > p.glyph_level) & valid
+    pieces, n = label_components(bright)
+    if not n:
+        return bright
+    count = lambda w: np.bincount(pieces.ravel(), w, minlength=n + 1)  # noqa: E731
+    size = np.maximum(count(None), 1)
+    solid = count(erode(bright.astype(np.uint8), 1).astype(bool).ravel())
+    ring = (dilate(pieces, 1) * (grow_mask(bright, 1) & ~bright & valid)).ravel()   # the pixels around each piece
+    around = np.bincount(ring, z.ravel(), minlength=n + 1) / np.maximum(np.bincount(ring, minlength=n + 1), 1)
+    keep = (size >= p.glyph_size) & (count(z.ravel()) / size >= p.glyph_contrast) & (around <= p.glyph_ring) & \
+        (solid <= p.glyph_solid * size)
+    keep[0] = False
+    return keep[pieces]
 
 
 MARK_ARMS = ((0, 4), (2, 6), (3, 5))   # arm pairs of cross marks, in steps of 22.5 degrees: +, x, x squeezed by the
@@ -469,6 +503,7 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
              "lines": axis_lines(z, tissue, hull, known, p),
              "calipers": caliper_lines(z, inner, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
              "marks": small_marks(z, inner, p)}
+    parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
     return parts, fan, hull
 
 
