@@ -221,6 +221,7 @@ class CleanParams:
     text_near_field: int = 8            # ... nor text
     line_half: int = 16                 # ROI boxes, rulers: straight lines of at least 2 * line_half + 1 px, ...
     line_contrast: float = 1.0          # ... 1-2 px wide, this much brighter than both sides in each third of them
+    edge_line_contrast: float = 1.3     # ... and this much within 2 px of the fan's edge
     caliper_peak: float = 2.5           # calipers: two marks (peaks above this contrast) at least ...
     caliper_min_length: int = 20        # ... this far apart, joined by dots or a line whose every fifth is ...
     caliper_contrast: float = 1.1       # ... this much brighter (3 x 3 maxima) than the parallels 3 px to either side,
@@ -319,6 +320,7 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
     half, third = p.line_half, (2 * p.line_half + 1) // 3
     suppress = ~below_top(fan, p.near_field)
     ring = fan & ~grow_mask(hull, 1)
+    edge = fan & ~erode(fan.astype(np.uint8), 2).astype(bool)    # the resize's overshoot makes a faint line here
     out = np.zeros(z.shape, bool)
     for (ny, nx), (dy, dx) in (((1, 0), (0, 1)), ((0, 1), (1, 0))):
         r_fan = np.where(ring, thin_ridge(z, ny, nx), thin_ridge(np.where(suppress, 9.0, z), ny, nx)) * fan
@@ -326,8 +328,8 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
         parts = [run_mean(r, dy, dx, -half, -half + third - 1), run_mean(r_fan, dy, dx, -half + third, half - third),
                  run_mean(r, dy, dx, half - third + 1, half)]
         lo, hi = np.minimum.reduce(parts), np.maximum.reduce(parts)
-        hit = (lo > p.line_contrast) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
-        on = r_fan > 0.3
+        hit = (lo > np.where(edge, p.edge_line_contrast, p.line_contrast)) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
+        on = r_fan > np.where(edge, 1.0, 0.3)
         for sgn in (1, -1):                               # extend along the line through contiguous ridge pixels
             cur = hit
             for _ in range(half):
@@ -400,7 +402,10 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
         sy, sx = (3 * dx[a] / length[a], -3 * dy[a] / length[a])
         on, ok = along(np.array([a]), s)
         side = np.maximum(along(np.array([a]), s, sy, sx)[0], along(np.array([a]), s, -sy, -sx)[0])
+        q = max(1, len(s) // 4)                           # the segment ends at its brightest sample near each end
+        first, last = int(np.argmax(on[0, :q])), len(s) - q + int(np.argmax(on[0, -q:]))   # (the marks), not past them
         dots = np.flatnonzero(((on - side)[0] > DOT_SCALE * p.caliper_contrast) & ok[0])
+        dots = dots[(dots >= first) & (dots <= last)]
         if dots.size:                                     # paint from dot to dot where they are close: not past an end
             bridged = np.zeros(len(s), bool)
             for d0, d1 in zip(dots[:-1], dots[1:]):
