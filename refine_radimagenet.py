@@ -214,31 +214,45 @@ class CleanParams:
     black_level: int = 14               # the margin is at most this bright; anything brighter there is annotation
     fan_open: int = 4                   # opening radius (px) that cuts margin annotation off the fan
     fan_min_area: float = 0.02          # a fan covers at least this fraction of the frame
+    fan_dim: int = 100                  # patches touching the fan, solid and no brighter than this, are tissue
     local_radius: int = 7               # window radius (px) of the local speckle mean and std
     min_std: float = 6.0                # floor of the local std (grey levels), for flat and black regions
     near_field: int = 6                 # rows under the fan's top edge (skin line) where no line, dot or cross is sought
     text_near_field: int = 8            # ... nor text
     line_half: int = 16                 # ROI boxes, rulers: straight lines of at least 2 * line_half + 1 px, ...
     line_contrast: float = 1.0          # ... 1-2 px wide, this much brighter than both sides in each third of them
+    edge_line_contrast: float = 1.3     # ... and this much within 2 px of the fan's edge
     caliper_peak: float = 2.5           # calipers: two marks (peaks above this contrast) at least ...
     caliper_min_length: int = 20        # ... this far apart, joined by dots or a line whose every fifth is ...
-    caliper_contrast: float = 1.1       # ... this much brighter (3 x 3 maxima) than the parallels 3 px to either side
+    caliper_contrast: float = 1.1       # ... this much brighter (3 x 3 maxima) than the parallels 3 px to either side,
+    caliper_gap: float = 1.0            # ... with a fifth of the line (the gaps between dots) below this contrast,
+    caliper_flank: float = 0.15         # ... or a solid line thin enough: 2 px to its sides, at most this share of it
     text_bright: float = 1.0            # text: pixels above this contrast ...
     text_fill: tuple = (0.35, 0.30)     # ... fill this fraction of a 15 x 5 window (seed, extension) ...
     text_edges: tuple = (7.0, 6.0)      # ... with this many bright/dark alternations per 15 px row (seed, extension)
     cross_peak: float = 2.8             # + and x marks: a peak above this contrast ...
     cross_arms: float = 1.6             # ... whose two arms outshine the directions 45+ degrees from both by this
     stroke_contrast: float = 2.5        # short vertical strokes (5 px) this much brighter than both sides
+    glyph_level: float = 1.5            # glyphs: connected pixels above this contrast, ...
+    glyph_size: int = 8                 # ... at least this many, ...
+    glyph_contrast: float = 2.8         # ... this bright on average, ...
+    glyph_ring: float = 0.2             # ... the pixels around them at most this bright on average, ...
+    glyph_solid: float = 0.05           # ... and at most this share of them with all 8 neighbours in the piece
+    continue_contrast: float = 1.5      # annotation in the margin or in colour continues into the fan along pixels
+    continue_steps: int = 4             # ... above this contrast, up to this many px (text, marks across the edge)
     grow_contrast: float = 1.0          # a detection takes in the pixels above this contrast ...
-    grow_steps: int = 3                 # ... within this many px
+    grow_steps: int = 1                 # ... within this many px
     halo: int = 1                       # finally the mask grows by this many px (anti-aliased, resampled edges)
 
 
 def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.ndarray, np.ndarray]:
     """(fan, hull): the scanner's image area, from the frame itself. Non-black pixels, opened (annotation in the
-    margin is thinner than the opening), holes filled (anechoic regions), then grown back along non-black pixels
-    that lie within fan_open + 2 px of the opened area's convex hull (corners the opening rounded off, tissue rims
-    around anechoic regions at the edge) -- but not into annotation separated from the fan by black."""
+    margin is thinner than the opening), holes filled (anechoic regions), plus the opened area's convex hull (an
+    anechoic region on the fan's edge is still inside it). Then each piece of non-black left outside that touches it
+    is decided whole: tissue if it lies within fan_open + 2 px of the hull (corners the opening rounded off) or if it
+    is a solid patch (an acute corner, or one that a dark region cut off from the rest: 40% of its pixels have all 8
+    neighbours in it, or 25% if it is no brighter than fan_dim); annotation otherwise (text or a ruler that touches
+    the fan stays margin, all of it: strokes are thin)."""
     nonblack = grey > p.black_level
     core = grow_mask(erode(nonblack.astype(np.uint8), p.fan_open).astype(bool), p.fan_open)
     step = 4                                               # components are labelled on a 4x coarser grid: speed
@@ -248,13 +262,23 @@ def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.n
     for k in np.flatnonzero(area[1:] * step * step >= p.fan_min_area * core.size) + 1:
         part = np.kron(small == k, np.ones((step, step), bool))[:core.shape[0], :core.shape[1]]
         hull |= convex_hull(core & grow_mask(part, step))
-    fan = fill_holes(core)
-    within = grow_mask(hull, p.fan_open + 2) & nonblack
-    while True:
-        grown = fan | (grow_mask(fan, 1) & within)
-        if np.array_equal(grown, fan):
-            return fan, hull
-        fan = grown
+    fan = fill_holes(core) | hull
+    band = grow_mask(hull, p.fan_open + 2)
+    pieces, n = label_components(nonblack & ~fan)
+    if n:
+        count = lambda m: np.bincount(pieces[m], minlength=n + 1)  # noqa: E731
+        size = count(pieces > 0)
+        brightest = np.zeros(n + 1)
+        np.maximum.at(brightest, pieces.ravel(), grey.ravel())
+        solid = count(erode((pieces > 0).astype(np.uint8), 1).astype(bool))
+        in_band = count(~band) == 0
+        tissue = (count(grow_mask(fan, 1)) > 0) & (in_band | (solid >= 0.4 * size) |
+                                                  ((brightest <= p.fan_dim) & (solid >= 0.25 * size)))
+        tissue[0] = False
+        fan = fan | tissue[pieces]
+    solid = erode(nonblack.astype(np.uint8), 1).astype(bool) & band     # a corner that annotation touches: its solid
+    return fan | grow_mask(grow_within(fan, fan | solid, 2 * p.fan_open), 1) & nonblack & band, hull   # part
+
 
 
 def local_contrast(grey: np.ndarray, tissue: np.ndarray, p: CleanParams = CleanParams()) -> np.ndarray:
@@ -296,6 +320,7 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
     half, third = p.line_half, (2 * p.line_half + 1) // 3
     suppress = ~below_top(fan, p.near_field)
     ring = fan & ~grow_mask(hull, 1)
+    edge = fan & ~erode(fan.astype(np.uint8), 2).astype(bool)    # the resize's overshoot makes a faint line here
     out = np.zeros(z.shape, bool)
     for (ny, nx), (dy, dx) in (((1, 0), (0, 1)), ((0, 1), (1, 0))):
         r_fan = np.where(ring, thin_ridge(z, ny, nx), thin_ridge(np.where(suppress, 9.0, z), ny, nx)) * fan
@@ -303,8 +328,8 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
         parts = [run_mean(r, dy, dx, -half, -half + third - 1), run_mean(r_fan, dy, dx, -half + third, half - third),
                  run_mean(r, dy, dx, half - third + 1, half)]
         lo, hi = np.minimum.reduce(parts), np.maximum.reduce(parts)
-        hit = (lo > p.line_contrast) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
-        on = r_fan > 0.3
+        hit = (lo > np.where(edge, p.edge_line_contrast, p.line_contrast)) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
+        on = r_fan > np.where(edge, 1.0, 0.3)
         for sgn in (1, -1):                               # extend along the line through contiguous ridge pixels
             cur = hit
             for _ in range(half):
@@ -317,6 +342,10 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
 def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
     """(rows, columns) of the 3 x 3 local maxima of z above t."""
     return np.nonzero((z >= dilate(z, 1)) & (z > t) & valid)
+
+
+DOT_SCALE, DOT_GAP = 1.5, 7            # a caliper's dots: samples this many caliper_contrast above the sides, and
+                                        # the most px between two dots that are joined
 
 
 def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
@@ -353,20 +382,36 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
     fifths = [mean(on[:, k * 8:(k + 1) * 8], ok[:, k * 8:(k + 1) * 8]) for k in range(5)]
     side = np.maximum(mean(*along(cand, t, ny, nx)), mean(*along(cand, t, -ny, -nx)))
     lo = np.minimum.reduce(fifths) if cand.size else np.zeros(0)
-    good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)] \
-        if cand.size else cand
+    def plain(oy=0.0, ox=0.0):                          # z itself along the segment (no 3 x 3 maxima)
+        py = np.clip(np.round(ys[i[cand]][:, None] + dy[cand][:, None] * t + oy).astype(int), 0, h - 1)
+        px = np.clip(np.round(xs[i[cand]][:, None] + dx[cand][:, None] * t + ox).astype(int), 0, w - 1)
+        return np.where(ok, z[py, px], np.nan)
+    on_plain = plain()
+    gaps = np.sort(np.where(ok, on_plain, np.inf), 1)[:, len(t) // 5] if cand.size else np.zeros(0)
+    flank = np.maximum(np.nanmean(plain(2 * ny / 3, 2 * nx / 3), 1), np.nanmean(plain(-2 * ny / 3, -2 * nx / 3), 1)) \
+        if cand.size else np.zeros(0)
+    thin = flank < p.caliper_flank * np.nanmean(on_plain, 1) if cand.size else np.zeros(0, bool)
+    good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
+                & ((gaps < p.caliper_gap) | thin)] if cand.size else cand
     near = np.zeros(z.shape, bool)
-    for a in good[np.argsort(-length[good], kind="stable")]:   # longest first; paint, trimming ends the dots miss
-        if near[ys[i[a]], xs[i[a]]] and near[ys[j[a]], xs[j[a]]]:
-            continue                                      # a piece of a segment already painted
+    weaker = np.minimum(z[ys[i], xs[i]], z[ys[j], xs[j]])
+    for a in good[np.lexsort((-length[good], -weaker[good]))]:   # the strongest ends first (the marks), then longest
         s = np.linspace(0, 1, int(length[a]) + 1)
+        if near[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)].mean() > 0.95:
+            continue                                      # mostly a segment already painted (or it and a bit more)
         sy, sx = (3 * dx[a] / length[a], -3 * dy[a] / length[a])
         on, ok = along(np.array([a]), s)
         side = np.maximum(along(np.array([a]), s, sy, sx)[0], along(np.array([a]), s, -sy, -sx)[0])
-        local = np.convolve((on - side)[0] * ok[0], np.ones(7) / 7, mode="same")
-        kept = np.flatnonzero(local > p.caliper_contrast / 2)
-        if kept.size:
-            s = s[kept[0]:kept[-1] + 1]
+        q = max(1, len(s) // 4)                           # the segment ends at its brightest sample near each end
+        first, last = int(np.argmax(on[0, :q])), len(s) - q + int(np.argmax(on[0, -q:]))   # (the marks), not past them
+        dots = np.flatnonzero(((on - side)[0] > DOT_SCALE * p.caliper_contrast) & ok[0])
+        dots = dots[(dots >= first) & (dots <= last)]
+        if dots.size:                                     # paint from dot to dot where they are close: not past an end
+            bridged = np.zeros(len(s), bool)
+            for d0, d1 in zip(dots[:-1], dots[1:]):
+                bridged[d0:d1 + 1] |= d1 - d0 <= DOT_GAP
+            bridged[dots] = True
+            s = s[bridged]
             out[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)] = True
             near = grow_mask(out, 1)
     return out | (grow_mask(out, 1) & (z > p.caliper_peak - 0.5) & valid)
@@ -405,6 +450,25 @@ def grow_within(seed: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray
     return m
 
 
+def glyphs(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
+    """Marks, arrows, letters over tissue: connected pieces of pixels above glyph_level that are big enough, bright
+    on average, thin (no pixel with all 8 neighbours in the piece, or few) and on plain tissue (the pixels around
+    them are not bright). Speckle makes small or dim pieces, a specular reflection a solid one in a bright halo."""
+    bright = (z > p.glyph_level) & valid
+    pieces, n = label_components(bright)
+    if not n:
+        return bright
+    count = lambda w: np.bincount(pieces.ravel(), w, minlength=n + 1)  # noqa: E731
+    size = np.maximum(count(None), 1)
+    solid = count(erode(bright.astype(np.uint8), 1).astype(bool).ravel())
+    ring = (dilate(pieces, 1) * (grow_mask(bright, 1) & ~bright & valid)).ravel()   # the pixels around each piece
+    around = np.bincount(ring, z.ravel(), minlength=n + 1) / np.maximum(np.bincount(ring, minlength=n + 1), 1)
+    keep = (size >= p.glyph_size) & (count(z.ravel()) / size >= p.glyph_contrast) & (around <= p.glyph_ring) & \
+        (solid <= p.glyph_solid * size)
+    keep[0] = False
+    return keep[pieces]
+
+
 MARK_ARMS = ((0, 4), (2, 6), (3, 5))   # arm pairs of cross marks, in steps of 22.5 degrees: +, x, x squeezed by the
                                         # 4:3 -> 1:1 resize
 
@@ -427,8 +491,8 @@ def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
     return grow_within(seeds & valid, (z > p.grow_contrast) & valid, p.grow_steps)
 
 
-def detect_artifacts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.ndarray, np.ndarray]:
-    """(mask of pixels to replace, tissue region for the fill) of an ultrasound frame (H, W, 3) uint8."""
+def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dict, np.ndarray, np.ndarray]:
+    """({detector: mask of what it found}, fan, hull) of an ultrasound frame (H, W, 3) uint8."""
     x = rgb.astype(np.int16)
     colour = (x.max(2) - x.min(2)) > p.colour_threshold
     grey = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float64)
@@ -437,9 +501,21 @@ def detect_artifacts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[n
     tissue = fan & ~colour
     z = local_contrast(grey, tissue, p)
     inner = below_top(tissue, p.near_field)
-    mask = colour | margin | axis_lines(z, tissue, hull, margin | colour, p) | caliper_lines(z, inner, p) | \
-        text_rows(z, below_top(tissue, p.text_near_field), p) | small_marks(z, inner, p)
-    return grow_mask(mask, p.halo), fan & grow_mask(hull, 1)
+    known = margin | colour
+    parts = {"colour": colour, "margin": margin,
+             "continued": grow_within(margin, margin | (tissue & (z > p.continue_contrast) & (z - box_mean(z, 2) > 1.0)),
+                                      p.continue_steps) & tissue,
+             "lines": axis_lines(z, tissue, hull, known, p),
+             "calipers": caliper_lines(z, inner, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
+             "marks": small_marks(z, inner, p)}
+    parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
+    return parts, fan, hull
+
+
+def detect_artifacts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of pixels to replace, tissue region for the fill) of an ultrasound frame (H, W, 3) uint8."""
+    parts, fan, hull = artifact_parts(rgb, p)
+    return grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), fan & grow_mask(hull, 1)
 
 
 def _fill_offsets(radii=(3, 4, 5, 7, 9, 12, 16, 21, 28, 37, 49, 64, 85), angles: int = 16) -> list[tuple[int, int]]:
