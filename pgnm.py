@@ -1460,10 +1460,10 @@ def _create_new(path: str) -> int:
     """Open a file that did not exist, for writing, never through a symbolic link; a leftover one is removed first."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
-        return os.open(path, flags, 0o644)
+        return os.open(path, flags, 0o666)  # less the umask, as open() gives
     except FileExistsError:
         os.unlink(path)                      # unlink removes a planted link itself, never its target
-        return os.open(path, flags, 0o644)
+        return os.open(path, flags, 0o666)
 
 
 def write_atomic(path: str, data: bytes, keep_previous: str | None = None, then: str = "resume with --resume auto"

@@ -22,15 +22,12 @@ code 2. Image work is numpy and PIL only (decoding comes from pgnm.py, so torch 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import functools
 import hashlib
 import io
 import json
 import os
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -44,6 +41,7 @@ import pgnm
 MODALITIES = ("CT", "MR", "US")
 IMG_EXTENSIONS = pgnm.IMG_EXTENSIONS         # one list of readable image files for the trainer and this tool
 UserError = pgnm.UserError                   # one class, caught by every CLI of the project
+RERUN = "re-run the same command (finished outputs are kept)"    # how a failed write ends (pgnm.write_atomic)
 SPLITS = ("train", "val", "test")
 CSV_NAMES = {s: f"RadiologyAI_{s}.csv" for s in SPLITS}
 
@@ -1156,34 +1154,6 @@ def output_name(rel: str) -> str:
     return os.path.splitext(os.path.basename(rel))[0] + ".png"
 
 
-def _write_bytes(fh, data: bytes) -> None:
-    fh.write(data)
-
-
-@functools.lru_cache(maxsize=None)
-def _file_mode() -> int:
-    """The mode a plain open() would give a new file (0o666 less the umask); mkstemp's own is 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _write_atomic(data: bytes, dst: str) -> None:
-    """dst written whole or not at all: a fresh temporary file beside it (created exclusively, so never an existing
-    file or a planted link) renamed over it (a rename replaces a link at dst, never writes through it). The temporary
-    file is removed on any failure, a full disk included."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst) or ".", prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _write_bytes(fh, data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _open_append(path: str):
     """Append to one of refine's own logs; a symbolic link there is refused, never followed."""
     try:
@@ -1223,9 +1193,9 @@ def process(job: Job, params: CleanParams = CleanParams()) -> dict:
     except Exception as e:  # noqa: BLE001 - every decoder failure is reported the same way
         return {"rel": job.rel, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
     try:
-        _write_atomic(data, job.dst)
-    except OSError as e:
-        return {"rel": job.rel, "fatal": f"cannot write {job.dst} ({e.strerror or e})"}
+        pgnm.write_atomic(job.dst, data, then=RERUN)
+    except UserError as e:
+        return {"rel": job.rel, "fatal": str(e)}
     return {"rel": job.rel, "changed": changed, "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -1422,8 +1392,7 @@ def _run(jobs: Sequence[Job], output_dir: str, workers: int, params: CleanParams
     with _open_append(progress_path) as fh:
         for res in _parallel(_process_with(params), pending, workers, "refine", log):
             if "fatal" in res:
-                raise UserError(f"{res['fatal']}: free space or fix permissions, then re-run the same command "
-                                f"(finished outputs are kept)")
+                raise UserError(res["fatal"])
             if "error" in res:
                 failed.append({"file": res["rel"], "error": res["error"]})
                 continue
@@ -1447,12 +1416,8 @@ def _write_manifest(output_dir: str, jobs: Sequence[Job], results: dict, manifes
         cleaning={"images": len(cleaned), "images_changed": sum(1 for r in cleaned if r[5] > 0),
                   "pixels_changed": sum(r[5] for r in cleaned)})
     paths = [os.path.join(output_dir, "manifest_images.csv"), os.path.join(output_dir, "manifest.json")]
-    try:
-        _write_atomic(buf.getvalue().encode(), paths[0])
-        _write_atomic(json.dumps(manifest, indent=1).encode(), paths[1])
-    except OSError as e:
-        raise UserError(f"cannot write the manifest in {output_dir} ({e.strerror}): free space or fix permissions, "
-                        f"then re-run the same command (finished outputs are kept)") from None
+    pgnm.write_atomic(paths[0], buf.getvalue().encode(), then=RERUN)
+    pgnm.write_atomic(paths[1], json.dumps(manifest, indent=1).encode(), then=RERUN)
     return paths
 
 
@@ -1607,7 +1572,7 @@ def demo_report(png: str | None = None, frames: int = 60, seed: int = 1, params:
     log(f"  speed, one process             {fig['images_per_s']:.1f} images/s wall clock, "
         f"{fig['images_per_cpu_s']:.1f} per CPU second")
     if png:
-        _write_atomic(_png_bytes(Image.fromarray(np.concatenate(shown, 0)).quantize(64)), png)
+        pgnm.write_atomic(png, _png_bytes(Image.fromarray(np.concatenate(shown, 0)).quantize(64)), then="run again")
         log(f"  wrote {png} (rows of raw | refined | clean truth)")
     return fig
 

@@ -3001,17 +3001,16 @@ def test_refine_follows_links_inside_the_root_only_once_and_never_writes_through
 def test_refine_disk_full_is_one_line_and_leaves_no_temporary_file(raw_tree, tmp_path, capsys, monkeypatch):
     import errno
 
-    def full(fh, data):
-        fh.write(data[:10])
+    def full(fd):                                   # the data does not fit: the flush to disk fails
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(rr, "_write_bytes", full)
+    monkeypatch.setattr(os, "fsync", full)
     code = rr.cli(["--data-path", raw_tree, "--output-dir", str(tmp_path / "o"), "--workers", "0", "--no-clean"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err, err
     assert "re-run the same command" in err
-    assert not [f for _, _, fs in os.walk(tmp_path / "o") for f in fs if f.endswith(".part")]
+    assert not [f for _, _, fs in os.walk(tmp_path / "o") for f in fs if ".tmp." in f]
     monkeypatch.undo()
-    rr._write_atomic(b"x", str(tmp_path / "plain.bin"))                       # files get the usual mode, not 0600
+    pgnm.write_atomic(str(tmp_path / "plain.bin"), b"x")                       # files get the usual mode, not 0600
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "plain.bin").st_mode & 0o777 == 0o666 & ~umask
