@@ -982,6 +982,45 @@ def test_import_has_no_side_effects():
 # =====================================================================================================================
 
 
+def _watch_training(monkeypatch):
+    """Spies on what main builds and trains: the classifier's and the policy trunk's inputs (shape, channels-last or
+    not, training mode), the fixed-noise kinds drawn, the objective called (and its value) and every train_step's
+    Forward. Returns the dict they fill; 'run' is the Run that build_run made."""
+    seen = {"model_in": [], "policy_in": [], "noise": [], "fwd": [], "objectives": []}
+    real_build, real_step, real_noise = pgnm.build_run, pgnm.train_step, pgnm.sample_fixed_noise
+
+    def build(*a, **k):
+        run, state = real_build(*a, **k)
+        seen["run"] = run
+
+        def record(key):
+            return lambda mod, args: seen[key].append(
+                (tuple(args[0].shape), args[0].is_contiguous(memory_format=torch.channels_last)
+                 and not args[0].is_contiguous(), mod.training))
+        run.model.register_forward_pre_hook(record("model_in"))
+        if run.policy is not None:
+            run.policy.fe.register_forward_pre_hook(record("policy_in"))
+        return run, state
+
+    def step(*a, **k):
+        out = real_step(*a, **k)
+        seen["fwd"].append(out[0])
+        return out
+
+    def noise(kind, *a, **k):
+        seen["noise"].append(kind)
+        return real_noise(kind, *a, **k)
+
+    for name in ("paper_objective", "reinforce_objective"):
+        real = getattr(pgnm, name)
+        monkeypatch.setattr(pgnm, name, lambda *a, real=real, name=name: seen["objectives"].append(
+            (name, real(*a))) or seen["objectives"][-1][1])
+    monkeypatch.setattr(pgnm, "build_run", build)
+    monkeypatch.setattr(pgnm, "train_step", step)
+    monkeypatch.setattr(pgnm, "sample_fixed_noise", noise)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def heated_run(tmp_path_factory):
     """One tiny two-epoch heated run with --save-masks, shared by the tests of what a run writes and prints:
@@ -1024,11 +1063,52 @@ def test_heated_then_finetune_end_to_end(heated_run):
 @pytest.mark.parametrize("kw", [dict(noise="uniform"), dict(noise="gaussian", kernel=0),
                                 dict(objective="reinforce"), dict(grid=32, kernel=13, sigma=6.0),
                                 dict(policy_size=16), dict(channels_last=True)])
-def test_heated_variants(tmp_path, kw):
-    res = pgnm.main(tiny(output_dir=str(tmp_path), **kw))
+def test_heated_variants(tmp_path, kw, monkeypatch):
+    """Each variant trains end to end and is seen to take effect in what the networks receive and compute."""
+    seen = _watch_training(monkeypatch)
+    res = pgnm.main(tiny(output_dir=str(tmp_path), synthetic_per_class=1, **kw))   # 3 steps, 24 val images
     assert 0.0 <= res["val_acc"] <= 1.0 and math.isfinite(res["val_noisy_auroc"])
     ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert (ck["policy_net"] is None) == (kw.get("noise", "beta") != "beta")
+    run, fwds = seen["run"], seen["fwd"]
+    steps = len(fwds)
+    assert steps == 3
+    train_in = [s for s in seen["model_in"] if s[2]]
+    assert len(train_in) == steps and all(s[0] == (8, 3, 32, 32) for s in train_in)
+    masks = torch.cat([f.mask for f in fwds])                                        # (24, 1, 32, 32)
+    assert masks.shape == (24, 1, 32, 32) and masks.min() >= 0 and masks.max() <= 1
+    noise = kw.get("noise", "beta")
+    if noise != "beta":                  # fixed noise of that kind, no policy: every step and the noisy evaluation
+        assert ck["policy_net"] is None and run.policy is None and ck["base_alpha"] is None
+        assert seen["noise"][:steps] == [noise] * steps and set(seen["noise"]) == {noise}
+        assert len(seen["noise"]) > steps                                            # the noisy evaluations too
+        assert seen["objectives"] == []                                              # plain CE: no logP to score
+        assert all(f.loss.item() == pytest.approx(f.ce.item(), rel=1e-6) for f in fwds)
+        assert abs(masks.mean().item() - 0.5) < 0.1
+    else:
+        assert seen["noise"] == [] and ck["policy_net"] is not None
+    if noise == "gaussian":              # kernel 0: no blur, so the mask is constant on each 4x4 cell of the 8x8 grid
+        cells = masks[..., ::4, ::4]                                                 # 24 x 64 draws
+        assert torch.equal(masks, cells.repeat_interleave(4, -2).repeat_interleave(4, -1))
+        assert abs(cells.mean().item() - 0.5) < 0.03 and 0.17 < cells.std().item() < 0.23   # N(0.5, 0.2), clamped
+    elif kw.get("grid", 8) < 32:         # blurred: not constant on the grid's cells
+        cells = masks[..., ::4, ::4]
+        assert not torch.equal(masks, cells.repeat_interleave(4, -2).repeat_interleave(4, -1))
+    if noise == "beta":
+        want = "reinforce_objective" if kw.get("objective") == "reinforce" else "paper_objective"
+        assert [name for name, _ in seen["objectives"]] == [want] * steps
+        assert all(f.loss is value or torch.equal(f.loss, value) for f, (_, value) in zip(fwds, seen["objectives"]))
+        grid = kw.get("grid", 8)
+        assert ck["base_alpha"].shape == (1, grid * grid) and run.policy_raw.alpha[6].out_features == grid * grid
+        size = kw.get("policy_size", 32)
+        pol_train = [s for s in seen["policy_in"] if s[2]]
+        assert len(pol_train) == steps and all(s[0] == (8, 3, size, size) for s in pol_train)
+    if kw.get("channels_last"):          # the classifier's input and weights are NHWC, the policy's weights too
+        assert all(s[1] for s in train_in)
+        assert run.model_raw.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert not run.model_raw.conv1[0].weight.is_contiguous()
+        assert run.policy_raw.fe.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert not any(s[1] for s in train_in) and run.model_raw.conv1[0].weight.is_contiguous()
 
 
 def test_baseline_with_mixup_cutmix_and_autoaugment(tmp_path, monkeypatch):
