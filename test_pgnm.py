@@ -88,15 +88,23 @@ def test_make_mask_uses_dataset_params_before_update_and_commits_only_on_a_good_
     assert torch.equal(state.alpha_d, fwd.next_d[0]) and torch.equal(state.beta_d, fwd.next_d[1])
 
 
-def test_beta_mask_matches_torch_beta_and_is_float32_under_autocast():
+def test_beta_log_prob_equals_the_closed_form_density_and_is_float32_under_autocast():
+    """logP of eq. 7 against the Beta density written out, in float64:
+    log B(m; a, b) = (a-1) log m + (b-1) log(1-m) - lgamma(a) - lgamma(b) + lgamma(a+b), with a = exp(log_alpha)."""
     torch.manual_seed(0)
     la, lb = torch.randn(4, 16), torch.randn(4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m, logp = pgnm.sample_beta_mask(la.bfloat16(), lb.bfloat16())
     assert m.dtype == torch.float32 and logp.dtype == torch.float32
     assert ((m > 0) & (m < 1)).all()
-    ref = torch.distributions.Beta(la.bfloat16().float().exp(), lb.bfloat16().float().exp()).log_prob(m)
-    assert torch.allclose(logp, ref, atol=1e-5)
+    want = torch.empty(4, 16, dtype=torch.float64)
+    for i in range(4):
+        for j in range(16):
+            a, b = math.exp(float(la[i, j].bfloat16())), math.exp(float(lb[i, j].bfloat16()))   # what the policy gave
+            x = float(m[i, j])
+            want[i, j] = ((a - 1) * math.log(x) + (b - 1) * math.log1p(-x)
+                          - math.lgamma(a) - math.lgamma(b) + math.lgamma(a + b))
+    assert torch.allclose(logp.double(), want, rtol=1e-5, atol=1e-4), (logp.double() - want).abs().max()
 
 
 def test_beta_samples_follow_the_distribution():
@@ -358,12 +366,47 @@ def test_guess_architecture():
 # =====================================================================================================================
 
 
-def test_compiled_and_ddp_wrappers_unwrap_to_plain_keys():
+@contextlib.contextmanager
+def _gloo_world_of_one(tmp_path):
+    """A real gloo process group of one process (rank 0, world size 1) on a FileStore in tmp_path, destroyed after."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'gloo_store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_and_ddp_wrappers_unwrap_to_plain_keys(tmp_path):
     m = pgnm.build_model("resnet10t", 5)
     compiled = torch.compile(m)                    # lazy: nothing is compiled until called
     assert pgnm.unwrap(compiled) is m
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
     assert list(pgnm.strip_prefixes(compiled.state_dict())) == list(m.state_dict())
+    with _gloo_world_of_one(tmp_path):
+        ddp = torch.nn.parallel.DistributedDataParallel(m)
+        both = torch.compile(ddp)                  # what wrap_for_training builds with --compile under torchrun
+        assert pgnm.unwrap(ddp) is m and pgnm.unwrap(both) is m
+        assert all(k.startswith("module.") for k in ddp.state_dict())
+        assert all(k.startswith("_orig_mod.module.") for k in both.state_dict())
+        assert list(pgnm.strip_prefixes(both.state_dict())) == list(m.state_dict())
+        # a run wrapped the way a distributed run is (the process group has one process, which DDP accepts) trains
+        # a step through DDP and checkpoints the modules underneath, under their plain keys
+        run, state = _tiny_run()
+        raw_model, raw_policy, info = run.model, run.policy, run.info
+        run.info = dataclasses.replace(info, world=2)
+        pgnm.wrap_for_training(run)
+        run.info = info
+        assert isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
+        assert isinstance(run.policy, torch.nn.parallel.DistributedDataParallel)
+        assert run.model_raw is raw_model and run.policy_raw is raw_policy
+        before = raw_model.fc.weight.detach().clone()
+        _, taken, _ = pgnm.train_step(run, state, torch.randn(8, 3, 32, 32), torch.randint(0, 24, (8,)))
+        assert taken and not torch.equal(before, raw_model.fc.weight)
+        ck = pgnm.make_checkpoint(run, state, 0, 1, 3, {"loss_sum": 0.0, "n_ok": 1})
+        assert list(ck["model"]) == list(raw_model.state_dict()) and list(ck["policy_net"]) == list(
+            raw_policy.state_dict())
+        assert torch.equal(ck["model"]["fc.weight"], raw_model.fc.weight)
 
 
 def test_strip_prefixes():
@@ -1899,6 +1942,41 @@ def test_eval_sampler_counts_every_sample_once():
     assert sorted(s0 + s1) == list(range(7)) and not set(s0) & set(s1)
 
 
+def _gather_rows(rank, n):
+    """Rank r's n rows: (n, 2) float32 and (n,) int64 values that say which rank and row they came from."""
+    rows = torch.arange(n, dtype=torch.float32) + 100 * rank
+    return torch.stack([rows, -rows], 1), torch.arange(n, dtype=torch.int64) + 1000 * rank
+
+
+def _gather_worker(rank, world, store, out_dir, lengths):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        got = [[pgnm.all_gather_cat(t) for t in _gather_rows(rank, ns[rank])] for ns in lengths]
+    finally:
+        dist.destroy_process_group()
+    torch.save(got, os.path.join(out_dir, f"gather{rank}.pth"))
+
+
+def test_all_gather_cat_concatenates_uneven_ranks_in_rank_order(tmp_path):
+    """Two gloo processes holding different numbers of rows (one of them none): every rank gets all rows, in rank
+    order, with their dtype, and no padding row."""
+    import torch.multiprocessing as mp
+    lengths = [(3, 1), (0, 2), (2, 2)]
+    # fork: the children need not import torch again (seconds on a busy machine); they run one thread, no OpenMP
+    mp.start_processes(_gather_worker, args=(2, str(tmp_path / "store"), str(tmp_path), lengths), nprocs=2,
+                       start_method="fork")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"gather{rank}.pth", weights_only=True)
+        for ns, (probs, labels) in zip(lengths, got):
+            parts = [_gather_rows(r, n) for r, n in enumerate(ns)]
+            assert torch.equal(probs, torch.cat([p for p, _ in parts])) and probs.dtype == torch.float32
+            assert torch.equal(labels, torch.cat([lab for _, lab in parts])) and labels.dtype == torch.int64
+            assert probs.shape == (sum(ns), 2)
+    assert pgnm.all_gather_cat(torch.ones(2, 3)).shape == (2, 3)       # no process group: the tensor itself
+
+
 # =====================================================================================================================
 #  Precision: autocast (bf16 on CPU here; fp16 + GradScaler on GPU when one is present)
 # =====================================================================================================================
@@ -2108,28 +2186,43 @@ def test_bench_e2e_from_png_files(tmp_path, one_thread):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fp16_gradscaler_on_gpu(tmp_path):
+def test_fp16_gradscaler_on_gpu(tmp_path, monkeypatch):
     res = pgnm.main(tiny(output_dir=str(tmp_path), amp=True, device="cuda", epochs=2))
     assert math.isfinite(res["val_loss"])
     ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     rec = read_log(str(tmp_path))[-2]
-    # no growth within 2000 steps, so the scale is the initial 2^16 halved once per skipped step (an overflow in the
-    # backward is a GradScaler skip; one in the loss itself is a bad step, and halves the scale too)
-    assert ck["scaler"]["scale"] == 65536.0 * 0.5 ** (rec["amp_skipped_steps"] + rec["bad_steps"])
-    run, state = _extreme_run(tiny(amp=True, device="cuda"))
-    run.info = pgnm.DistInfo(device=torch.device("cuda", 0))
-    run.model.cuda(), run.policy.cuda()
-    state.alpha_d, state.beta_d = state.alpha_d.cuda(), state.beta_d.cuda()
-    run.scaler = torch.amp.GradScaler("cuda")
-    before = [p.detach().clone() for p in run.parameters()]
-    fwd, taken, _ = pgnm.train_step(run, state, torch.randn(8, 3, 32, 32, device="cuda"),
-                                    torch.randint(0, 24, (8,), device="cuda"))
-    assert torch.isfinite(fwd.loss)
-    assert taken or state.amp_skipped == 1                        # a skip is a GradScaler skip, not a bad step
-    assert state.bad_total == 0
-    changed = any(not torch.equal(a, p) for a, p in zip(before, run.parameters()))
-    assert changed == taken
+    # a GradScaler skip (overflow in the backward) halves the initial 2^16, and there is no growth within 2000 steps;
+    # a bad step (a non-finite loss) leaves the scale as it was (train_step passes new_scale=get_scale())
+    assert ck["scaler"]["scale"] == 65536.0 * 0.5 ** rec["amp_skipped_steps"]
+    assert rec["amp_skipped_steps"] + rec["bad_steps"] < 24                        # 24 steps: some were taken
+    # One step at a time, from a scale so large (2^40) that the first backward must overflow fp16 (max 65504):
+    # a skip leaves weights and alpha_d as they were, is counted as a GradScaler skip (not a bad step) and halves
+    # the scale; once the scale fits, the step is taken, changes the weights and keeps the scale.
+    run, state = pgnm.build_run(tiny(amp=True, device="cuda", output_dir=str(tmp_path / "steps")),
+                                pgnm.DistInfo(device=torch.device("cuda", 0)), 24, False, lambda *a: None)
+    assert isinstance(run.scaler, torch.amp.GradScaler)                       # fp16 on CUDA: a scaler is built
+    run.scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 40)
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 24, (8,), device="cuda")
+    oks = []
+    for i in range(40):
+        scale, skipped, alpha = run.scaler.get_scale(), state.amp_skipped, state.alpha_d.clone()
+        before = [p.detach().clone() for p in run.parameters()]
+        fwd, ok, _ = pgnm.train_step(run, state, x, y)
+        oks.append(ok)
+        assert torch.isfinite(fwd.loss) and state.bad_total == 0, i       # fp16 overflow is never a bad step
+        changed = any(not torch.equal(a, p) for a, p in zip(before, run.parameters()))
+        assert changed == ok and torch.equal(alpha, state.alpha_d) == (not ok), i
+        if ok:
+            assert run.scaler.get_scale() == scale and state.amp_skipped == skipped, i
+            break
+        assert run.scaler.get_scale() == scale / 2 and state.amp_skipped == skipped + 1, i
+    assert oks[0] is False and oks[-1] is True, oks                 # skipped at 2^40, then taken
     assert all(torch.isfinite(p).all() for p in run.parameters())
+    # a non-finite loss under the scaler: a bad step, the scale unchanged, no GradScaler skip counted
+    monkeypatch.setattr(pgnm, "paper_objective", _nan_objective([], lambda n: True))
+    scale, skipped = run.scaler.get_scale(), state.amp_skipped
+    _, ok, _ = pgnm.train_step(run, state, x, y)
+    assert not ok and state.bad_total == 1 and state.amp_skipped == skipped and run.scaler.get_scale() == scale
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
