@@ -1,6 +1,10 @@
-"""Tests of pgnm.py, CPU only, tiny shapes. Sections mirror the file: pure math against oracles (torch's Beta,
-torchvision's blur, hand computations, scikit-learn) -> architecture (timm / torchvision) -> checkpoints -> data ->
-phases end to end -> distributed -> resume -> GPU/AMP (skipped without CUDA).
+"""Tests of pgnm.py, evaluate.py and refine_radimagenet.py, CPU only, tiny shapes. Sections, in file order: pure math
+against oracles (closed-form Beta density, torchvision's blur, hand computations, scikit-learn metrics) ->
+architecture (timm / torchvision) -> checkpoints and weight loading (compile and DDP wrappers) -> data -> bad input
+(one line, no traceback) -> training (one step, optimisers and lr schedules by hand, noisy evaluation, clipping,
+--compile, --bench) -> phases end to end (variants, what a run prints and writes) -> resume (kills, signals, corrupt
+checkpoints, non-finite steps) -> distributed (gloo processes) -> precision and devices (bf16 autocast, device
+strings, --compile modes, --bench, GPU tests skipped without CUDA) -> evaluate.py -> refine_radimagenet.py.
 
     pip install -r requirements-dev.txt && python -m pytest -q test_pgnm.py
 """
