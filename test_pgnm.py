@@ -1238,8 +1238,8 @@ def test_compiled_training_step_equals_the_eager_step(backend, monkeypatch, one_
     from the same weights and seed (losses, masks, updated weights). aot_eager runs the graphs torch.compile builds
     (dynamo + AOTAutograd) without code generation, in seconds; inductor generates and builds C++ on this CPU."""
     if backend == "inductor" and not os.environ.get("PGNM_SLOW_TESTS"):
-        pytest.skip("inductor's C++ build of one network takes ~50 s on a 2-core CPU (measured); PGNM_SLOW_TESTS=1 "
-                    "runs it")
+        pytest.skip("inductor's C++ build for one heated step takes about a minute on a 2-core CPU (measured 53 s); "
+                    "PGNM_SLOW_TESTS=1 runs it")
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: real(model, backend=backend))
     torch._dynamo.reset()
