@@ -2102,6 +2102,7 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
     if run.policy is not None:
         run.policy.train()
     total = len(loader) + start_step
+    lr = run.optimizer.param_groups[0]["lr"]        # the schedulers step per epoch: the lr of every step here
     loss_sum, n_ok = torch.zeros((), device=dev), 0
     amp_skipped_at_start = state.amp_skipped
     t_epoch = t_last = time.perf_counter()
@@ -2143,7 +2144,8 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
         log(f"note: GradScaler skipped {state.amp_skipped - amp_skipped_at_start} fp16-overflow step(s) in epoch "
             f"{epoch + 1} ({state.amp_skipped} in the run)")
     seconds = time.perf_counter() - t_epoch
-    return {"loss_sum": loss_sum, "n_ok": n_ok, "seconds": seconds, "sec_per_step": seconds / max(len(loader), 1)}
+    return {"loss_sum": loss_sum, "n_ok": n_ok, "seconds": seconds, "sec_per_step": seconds / max(len(loader), 1),
+            "lr": lr}
 
 
 @torch.no_grad()
@@ -2888,7 +2890,7 @@ def epoch_record(run: Run, state: StepState, data: Data, epoch: int, stats: dict
     n_ok = meter["n_ok"] + stats["n_ok"]
     train_loss = (meter["loss_sum"] + float(all_reduce_mean(stats["loss_sum"]))) / max(n_ok, 1)
     rec = {"phase": run.cfg.phase, "epoch": epoch + 1, "train_loss": train_loss,
-           "lr": run.optimizer.param_groups[0]["lr"], "bad_steps": state.bad_total,
+           "lr": stats["lr"], "bad_steps": state.bad_total,
            "amp_skipped_steps": state.amp_skipped, "epoch_seconds": round(stats["seconds"], 2)}
     if bad_images is not None:
         rec["skipped_images"] = bad_images

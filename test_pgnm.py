@@ -1107,6 +1107,8 @@ def test_a_run_trains_each_epoch_at_its_scheduled_lr(tmp_path, monkeypatch):
         assert lr == pytest.approx(_classifier_lr(cfg, epoch), rel=1e-9), i
         assert pol_lr == pytest.approx(_policy_lr(cfg, epoch), rel=1e-9), i
     assert len({lr for lr, _ in seen}) == 3                            # warm-up, then 0.1, then 0.05
+    logged = [r["lr"] for r in read_log(str(tmp_path)) if not r.get("final")]
+    assert logged == [seen[3 * e][0] for e in range(4)]                  # log.jsonl: the lr the epoch trained at
 
 
 def test_each_policy_head_and_the_trunk_run_once_per_step():
