@@ -1443,6 +1443,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def load_failure(path: str, e: BaseException) -> str:
+    """Why torch.load could not read `path`, in words (for one-line errors): an empty file, a file that is not a
+    PyTorch file at all (torch.save writes a zip, older torch a pickle), objects that weights_only refuses, or the
+    exception's first line. Never the advice to load with weights_only=False that torch's own message gives."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if not head:
+            return "the file is empty"
+        if head[:2] != b"PK" and head[:1] != b"\x80":
+            return "not a PyTorch file: torch.save writes a zip archive"
+    text = str(e).strip()
+    if "Weights only load failed" in text:
+        return "it holds objects other than tensors and plain data, which are never loaded (weights_only=True)"
+    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+
+
 def safe_load(path: str, map_location="cpu"):
     """torch.load with weights_only=True (no code runs from the file). argparse.Namespace, which the authors' and
     torchvision's checkpoints carry under 'args', is allowed as plain data."""
@@ -1507,11 +1524,11 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
+def atomic_save(obj, path: str, keep_previous: str | None = None, then: str = "resume with --resume auto") -> None:
     """torch.save through write_atomic (serialised in memory first, so a failed write is a plain OSError)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    write_atomic(path, buf.getbuffer(), keep_previous)
+    write_atomic(path, buf.getbuffer(), keep_previous, then)
 
 
 def nonfinite_tensors(obj, prefix: str = "") -> list[str]:
@@ -1557,8 +1574,7 @@ def verify_and_load(path: str) -> dict:
     except CorruptCheckpoint:
         raise
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, a refused global, ...
-        raise CorruptCheckpoint(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
-                                ) from None
+        raise CorruptCheckpoint(load_failure(path, e)) from None
     if isinstance(obj, dict):
         bad = nonfinite_tensors({k: obj.get(k) for k in ("model", "policy_net", "base_alpha", "base_beta",
                                                          "optimizer", "pol_optimizer") if k in obj})
@@ -1582,7 +1598,7 @@ def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
     try:
         obj = safe_load(path)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot load weights from {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"cannot load weights from {flag} {path} ({load_failure(path, e)})") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -1592,7 +1608,7 @@ def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
     return strip_prefixes(obj)
 
 
-def average_state_dicts(state_dicts: Sequence[dict]) -> dict:
+def average_state_dicts(state_dicts: Sequence[dict], names: Sequence[str] | None = None) -> dict:
     """The key-by-key mean of N state dicts, the authors' release step (their utils/weight_averaging.py averages the
     last three epochs' weights). Floating tensors: summed in the given order in their own dtype, then divided by N,
     as theirs (bit for bit). Integer tensors (BatchNorm's num_batches_tracked): the floor of the mean, kept integer;
@@ -1601,13 +1617,14 @@ def average_state_dicts(state_dicts: Sequence[dict]) -> dict:
     if not state_dicts:
         raise UserError("nothing to average: give at least one state dict")
     first = state_dicts[0]
+    names = list(names) if names is not None else [f"state dict {i}" for i in range(len(state_dicts))]
     for i, sd in enumerate(state_dicts[1:], start=1):
         if set(sd) != set(first):
             diff = sorted(set(sd) ^ set(first))
-            raise UserError(f"state dict {i} has other keys than the first ({diff[:3]}): average weights of one model")
+            raise UserError(f"{names[i]} has other keys than {names[0]} ({diff[:3]}): average weights of one model")
         bad = [k for k in first if sd[k].shape != first[k].shape or sd[k].dtype != first[k].dtype]
         if bad:
-            raise UserError(f"state dict {i} differs from the first at {bad[:3]} (shape or dtype): "
+            raise UserError(f"{names[i]} differs from {names[0]} at {bad[:3]} (shape or dtype): "
                             f"average weights of one model")
     n, out = len(state_dicts), {}
     for k, v in first.items():
@@ -1622,11 +1639,17 @@ def average_state_dicts(state_dicts: Sequence[dict]) -> dict:
     return out
 
 
-def average_checkpoints(paths: Sequence[str], output: str, log=print) -> dict:
+def average_checkpoints(paths: Sequence[str], output: str, log=print, then: str = "resume with --resume auto") -> dict:
     """Average the classifier weights of checkpoint or weight files (ours, the authors' model_<epoch>.pth, timm,
     torchvision; prefixes stripped) into `output`, a bare state_dict. Returns the average."""
-    avg = average_state_dicts([load_classifier_weights(p, "--average") for p in paths])
-    atomic_save(avg, output)
+    state_dicts = [load_classifier_weights(p, "--average") for p in paths]
+    for p, sd in zip(paths, state_dicts):
+        bad = nonfinite_tensors(sd)
+        if bad:
+            raise UserError(f"--average {p} holds NaN/inf in {', '.join(bad[:3])}: leave it out (an average with it "
+                            f"would be NaN)")
+    avg = average_state_dicts(state_dicts, paths)
+    atomic_save(avg, output, then=then)
     log(f"saved {output}: the mean of {len(paths)} state dicts ({', '.join(os.path.basename(p) for p in paths)})")
     return avg
 
@@ -2726,8 +2749,10 @@ def find_checkpoint(cfg: Config, log) -> tuple[dict | None, str | None]:
     try:
         ckpt = verify_and_load(cfg.resume)
     except CorruptCheckpoint as e:
-        raise UserError(f"--resume {cfg.resume} is unusable ({e}); "
-                        f"try {os.path.join(os.path.dirname(cfg.resume), CHECKPOINT_PREV)}") from None
+        prev = os.path.join(os.path.dirname(cfg.resume), CHECKPOINT_PREV)
+        hint = (f"try {prev}" if os.path.isfile(prev) and not os.path.samefile(prev, cfg.resume)
+                else "give a checkpoint.pth written by pgnm.py")
+        raise UserError(f"--resume {cfg.resume} is unusable ({e}); {hint}") from None
     check_resumable(ckpt, cfg.resume)
     return ckpt, cfg.resume
 
@@ -3502,7 +3527,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         if average:
             average_checkpoints(average, average_output or os.path.join(os.path.dirname(os.path.abspath(average[0])),
-                                                                        f"model_avg{len(average)}.pth"))
+                                                                        f"model_avg{len(average)}.pth"),
+                                then="run the command again")
             return 0
         if e2e_path is not None:
             args["data_path"] = e2e_path

@@ -477,6 +477,49 @@ def test_average_cli_reads_the_authors_epoch_files(tmp_path):
     assert list(out) == list(expected) and all(torch.equal(out[k], expected[k]) for k in out)
 
 
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_weights_that_are_not_a_torch_file_are_one_line_with_no_weights_only_false_advice(tmp_path, capsys):
+    """An empty file once raised IndexError (a traceback) in --average, --finetune, --resume and evaluate.py; a JSON
+    file got torch's advice to load with weights_only=False; --resume advised a checkpoint_prev.pth that did not
+    exist."""
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "config.json").write_text('{"lr": 0.1}')
+    for name, why in (("empty.pth", "the file is empty"), ("config.json", "not a PyTorch file")):
+        p = str(tmp_path / name)
+        assert pgnm.cli(["--average", p, "--average-output", str(tmp_path / "a.pth")]) == 2
+        err = _one_error_line(capsys)
+        assert p in err and why in err and "weights_only" not in err, err
+        assert pgnm.cli([*TINY_CLI, "--output-dir", str(tmp_path / "o"), "--resume", p]) == 2
+        err = _one_error_line(capsys)
+        assert why in err and "checkpoint_prev" not in err and "give a checkpoint.pth" in err, err
+    import evaluate
+    assert evaluate.cli(["--checkpoints", str(tmp_path / "empty.pth"), "--output-dir", str(tmp_path / "e")]) == 2
+    assert "the file is empty" in _one_error_line(capsys)
+
+
+def test_average_refuses_nan_weights_and_names_the_file_that_does_not_fit(tmp_path, capsys):
+    sds = _three_trained_looking_state_dicts()
+    good, nan, other = (str(tmp_path / n) for n in ("good.pth", "nan.pth", "other.pth"))
+    torch.save(sds[0], good)
+    torch.save({k: (v.clone().fill_(float("nan")) if k == "fc.bias" else v) for k, v in sds[1].items()}, nan)
+    torch.save(pgnm.resnet10t(num_classes=3).state_dict(), other)
+    out = tmp_path / "avg.pth"
+    assert pgnm.cli(["--average", good, nan, "--average-output", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert nan in err and "fc.bias" in err and "NaN" in err and not out.exists(), err
+    assert pgnm.cli(["--average", good, other, "--average-output", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert other in err and good in err and not out.exists(), err
+    assert pgnm.cli(["--average", good, good, "--average-output", str(tmp_path)]) == 2     # a folder in the way
+    err = _one_error_line(capsys)
+    assert "--resume" not in err and "run the command again" in err, err
+
+
 def test_average_last_survives_a_kill_and_counts_clamps_across_a_resume(tmp_path, monkeypatch):
     """--average-last 2 on a 2-epoch heated run, straight and killed mid-epoch 2 then resumed: the same averaged
     file, equal to the hand average of the kept epoch files; the epoch's clamp count carried over the resume.
