@@ -150,7 +150,8 @@ class Config:
                                        "its mmap/trim thresholds so freed activations are reused, and says so at start)")
     # --- logging -----------------------------------------------------------------------------------------------------
     print_freq: int = _f(10, "progress line every N steps")
-    save_masks: bool = _f(False, "write masks_epochNNN.png (images, masks, masked images) every epoch")
+    save_masks: bool = _f(False, "heated phase: write masks_epochNNN.png (images, masks, masked images) every "
+                             "epoch")
 
 
 # Each phase starts from Config's paper defaults and changes only these (the authors' finetune recipe, README).
@@ -323,6 +324,8 @@ def validate_config(cfg: Config) -> None:
     number("workers", 0)
     number("policy_size", 16, what="at least 16 px", optional=True)
     number("save_every_steps", 0)
+    need(not cfg.save_masks or cfg.phase == "heated", f"--save-masks draws the heated phase's masks; the {cfg.phase} "
+         f"phase trains on clean images and has none: drop --save-masks")
     number("average_last", 0, cfg.epochs, what=f"between 0 (off) and --epochs ({cfg.epochs})")
     number("max_bad_steps", 1)
     number("print_freq", 1)
@@ -2254,9 +2257,15 @@ class FixedImages:
 
 
 def fixed_images(dataset: AugmentedDataset, classes: Sequence[str]) -> FixedImages | None:
-    """figure_indices' samples of a validation set through its (evaluation) transform."""
-    picked = [(dataset[i], dataset.targets[i]) for i in figure_indices(dataset.targets)]
-    picked = [(s[0], t) for s, t in picked if s is not None]          # --skip-bad-images: unreadable ones left out
+    """figure_indices' samples of a validation set through its (evaluation) transform. With --skip-bad-images, a
+    class whose first image is unreadable shows its first readable one; a class with none is left out."""
+    picked = []
+    for i in figure_indices(dataset.targets):
+        t = dataset.targets[i]
+        sample = next((s for j in range(i, len(dataset)) if dataset.targets[j] == t
+                       for s in [dataset[j]] if s is not None), None)
+        if sample is not None:
+            picked.append((sample[0], t))
     if not picked:
         return None
     return FixedImages(torch.stack([s for s, _ in picked]), [classes[t] for _, t in picked])
@@ -2359,13 +2368,16 @@ def save_mask_figure(path: str, images: torch.Tensor, masks: torch.Tensor, mean:
     m = masks.float().clamp(0, 1)
     as_rgb = lambda t: (t.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)   # noqa: E731
     rows = {"image": as_rgb(img), "mask": colormap(m[:, 0].numpy()), "masked": as_rgb(img * m)}
-    canvas = Image.new("RGB", lay["size"], "white")
+    big, small = _font(16), _font(13)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([lay["size"][0]] + [round(probe.textlength(line, font=big if i == 0 else small)) + 16
+                                    for i, line in enumerate(title[:2])])     # a title never cut off
+    canvas = Image.new("RGB", (width, lay["size"][1]), "white")
     draw = ImageDraw.Draw(canvas)
     resample = Image.NEAREST if tile >= max(h, w) else Image.BILINEAR
     for name, arr in rows.items():
         for c in range(k):
             canvas.paste(Image.fromarray(arr[c]).resize((tile, tile), resample), (lay["cols"][c], lay["rows"][name]))
-    big, small = _font(16), _font(13)
     for i, line in enumerate(title[:2]):
         draw.text((8, 4 + i * 20), line, fill="black", font=big if i == 0 else small)
     for name, y in lay["rows"].items():
@@ -3000,14 +3012,17 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
                 if cfg.average_last and epoch >= cfg.epochs - cfg.average_last:   # before the checkpoint, likewise
                     os.makedirs(os.path.join(out_dir, EPOCH_WEIGHTS), exist_ok=True)
                     atomic_save(run.model_raw.state_dict(), epoch_weights_path(out_dir, epoch + 1))
+            figure = None                  # likewise: a run stopped before the checkpoint draws it again on resume
+            if run.info.is_main and cfg.save_masks and masks is not None:
+                figure = write_mask_figure(run, epoch, fixed, masks[0], rec)
             save_checkpoint(run, state, epoch, spe, spe, {"loss_sum": 0.0, "n_ok": 0})
             clock.outside = time.perf_counter() - t_trained     # evaluation and checkpoint, for the ETAs
             log(f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} done: train_loss {rec['train_loss']:.4f}  "
                 + "  ".join(f"{k} {rec[k]:.4f}" for k in EPOCH_LINE_KEYS if k in rec)
                 + f"  | epoch {datetime.timedelta(seconds=int(time.perf_counter() - t_start))}"
                   f"  run eta {clock.remaining(epoch, stats['sec_per_step'], 0, evaluated=True)}")
-            if run.info.is_main and cfg.save_masks and masks is not None:
-                log(f"wrote {write_mask_figure(run, epoch, fixed, masks[0], rec)}")
+            if figure is not None:
+                log(f"wrote {figure}")
             clock.outside = time.perf_counter() - t_trained
             last = rec
             if epoch + 1 < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:

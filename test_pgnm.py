@@ -1167,6 +1167,33 @@ def test_mask_figure_follows_the_same_images_and_is_labelled(heated_run):
     assert np.abs(f[y1 - 2, x0 + 8].astype(int) - pgnm.colormap(0.0)).max() <= 3
 
 
+def test_mask_figure_survives_a_failed_write_and_shows_every_class_in_full(tmp_path, capsys):
+    """The figure was drawn after the epoch's checkpoint, so a run stopped in between (a kill, a folder in the way)
+    never drew it; a class whose first validation image was unreadable (--skip-bad-images) was left out; with few
+    classes the title was cut off at the right edge; --save-masks on a phase without masks did nothing, silently."""
+    root, out = str(tmp_path / "data"), str(tmp_path / "o")
+    classes = ("a b", "ünï", "x" * 60)
+    _write_imagefolder(root, classes=classes, per=3, size=32, modes=("L",))
+    (tmp_path / "data" / "val" / "a b" / "0.png").write_bytes(b"not an image")        # the first of its class
+    os.makedirs(os.path.join(out, "masks_epoch001.png"))                               # in the way
+    args = [*TINY_CLI, "--epochs", "1", "--data-path", root, "--model", "resnet10t", "--batch-size", "3",
+            "--skip-bad-images", "--save-masks", "--output-dir", out, "--resume", "auto"]
+    assert pgnm.cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "masks_epoch001.png" in err, err
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth"))      # so the resume trains epoch 1 and draws it
+    os.rmdir(os.path.join(out, "masks_epoch001.png"))
+    assert pgnm.cli(args) == 0
+    assert len(read_log(out)[0]["mask_mean_images"]) == 3                  # every class followed
+    png = np.asarray(Image.open(os.path.join(out, "masks_epoch001.png")).convert("L"))
+    assert (png[:40, -8:] == 255).all()                                    # the title ends inside the picture
+    capsys.readouterr()
+    for phase in ("finetune", "baseline"):
+        assert pgnm.cli(["--phase", phase, "--save-masks", "--output-dir", str(tmp_path / phase)]) == 2
+        err = _one_error_line(capsys)
+        assert "--save-masks" in err and phase in err and not (tmp_path / phase).exists(), err
+
+
 def test_figure_images_are_one_per_class_spread_over_the_classes():
     targets = [i % 24 for i in range(96)]
     assert pgnm.figure_indices(targets) == [0, 3, 6, 9, 12, 15, 18, 21]
