@@ -2672,6 +2672,23 @@ def test_outputs_name_every_file_and_lowshot_png_needs_matplotlib(tmp_path, monk
     assert json.load(open(tmp_path / "results.json"))["datasets"]["d"]["mlp"]["A"]["f1_ci"] is None   # NaN -> null
 
 
+def test_evaluate_without_arguments_refuses_a_phase_model_that_is_not_a_file(tmp_path, capsys):
+    """A folder or a broken link at runs/<phase>/model_<phase>.pth was skipped without a word: the table silently
+    compared fewer backbones."""
+    runs = tmp_path / "runs"
+    os.makedirs(runs / "baseline")
+    torch.save(pgnm.build_model("resnet10t", 24).state_dict(), str(runs / "baseline" / "model_baseline.pth"))
+    os.makedirs(runs / "heated" / "model_heated.pth")
+    os.makedirs(runs / "finetune")
+    os.symlink(tmp_path / "gone.pth", runs / "finetune" / "model_finetune.pth")
+    for phase, what in (("heated", "a folder"), ("finetune", "a broken link")):
+        assert ev.cli(["--runs-dir", str(runs), "--output-dir", str(tmp_path / "ev")]) == 2
+        err = _one_error_line(capsys)
+        assert f"model_{phase}.pth is {what}" in err, err
+        shutil.rmtree(runs / phase)
+    assert not (tmp_path / "ev").exists()
+
+
 def test_evaluate_without_arguments_uses_every_phase_model_in_order(tmp_path, capsys):
     import time
     runs = tmp_path / "runs"
