@@ -2620,6 +2620,25 @@ def apply_new_schedule(run: Run, saved_args: dict, epochs_done: int, source: str
         f"for epoch {epochs_done + 1} of {cfg.epochs})")
 
 
+UNNOTED_ON_RESUME = ("resume", "output_dir", "device", "workers", "print_freq", "no_malloc_tuning", "finetune")
+
+
+def note_other_changes(cfg: Config, saved_args: dict, start: Progress, source: str, log) -> None:
+    """Resuming with other flags than the schedule's (apply_new_schedule): this run's values win from where it
+    continues, and one note line names them, so that a run trained partly with other settings (a --kernel, a --seed,
+    a --tau-image) is never mistaken for a straight one; config.json holds this run's values. Flags that cannot change
+    the numbers (where to write, how many loader workers, ...) are not named."""
+    skip = set(SCHEDULE_FIELDS) | set(UNNOTED_ON_RESUME)
+    changed = [f.name for f in dataclasses.fields(Config)
+               if f.name not in skip and f.name in saved_args and saved_args[f.name] != getattr(cfg, f.name)]
+    if changed:
+        flag = lambda k, v: f"--{k.replace('_', '-')} {format_value(v)}"     # noqa: E731
+        log(f"note: {source} was written with " + " ".join(flag(k, saved_args[k]) for k in changed)
+            + "; this run has " + " ".join(flag(k, getattr(cfg, k)) for k in changed)
+            + f": the new values apply from epoch {start.epoch + 1}, step {start.step} on (the epochs before used the "
+              f"old ones)")
+
+
 def json_safe(obj):
     """NaN and inf as null, so that every log line is valid JSON (json.dumps would write bare NaN)."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -2842,6 +2861,7 @@ def restore_run(run: Run, state: StepState, ckpt: dict, ckpt_path: str, steps_pe
     else:
         start.meter = ckpt.get("meter") or start.meter
     apply_new_schedule(run, ckpt.get("args") or {}, start.epoch, ckpt_path, log)
+    note_other_changes(run.cfg, ckpt.get("args") or {}, start, ckpt_path, log)
     log(f"resumed from {ckpt_path}: epoch {start.epoch + 1}, step {start.step}")
     if run.info.is_main:
         out = run.cfg.output_dir

@@ -1794,6 +1794,21 @@ def test_resume_with_a_new_lr_rebuilds_the_schedules_and_keeps_momentum(tmp_path
     assert not [m for m in msgs if m.startswith("note:")]
 
 
+def test_resume_with_other_flags_than_the_schedules_says_so(tmp_path):
+    """--kernel, --sigma, --seed, --tau-image changed on resume were taken without a word, and config.json then
+    claimed the new values for the whole run."""
+    run1, state1 = _tiny_run(epochs=2)
+    ck = pgnm.make_checkpoint(run1, state1, 0, 12, 12, {"loss_sum": 0.0, "n_ok": 12})   # epoch 1 of 2 done
+    run2, state2 = _tiny_run(epochs=2, kernel=5, sigma=2.0, seed=3, tau_image=0.5, workers=1, output_dir=str(tmp_path))
+    msgs = []
+    pgnm.restore_run(run2, state2, ck, "c.pth", 12, msgs.append)
+    note = [m for m in msgs if m.startswith("note:")]
+    assert len(note) == 1, msgs
+    assert "written with --seed 0 --kernel 3 --sigma 1.0 --tau-image 0.9;" in note[0], note
+    assert "this run has --seed 3 --kernel 5 --sigma 2.0 --tau-image 0.5" in note[0] and "epoch 2" in note[0], note
+    assert "--workers" not in note[0] and "--output-dir" not in note[0], note
+
+
 def test_log_lines_are_strict_json_with_null_for_nan(tmp_path):
     p = str(tmp_path / "log.jsonl")
     pgnm._append_jsonl(p, {"val_auroc": float("nan"), "x": [float("inf"), 1.0]})
