@@ -3091,9 +3091,11 @@ def describe_output(name: str, cfg: Config) -> str:
     if name == CONFIG_JSON:
         return "every setting of this run"
     if name == "curves.png":
-        return "losses, accuracies" + (" and the masks' statistics" if cfg.phase == "heated" else "") + " per epoch"
+        policy = cfg.phase == "heated" and cfg.noise == "beta"
+        return "losses, accuracies" + (" and the masks' statistics" if policy else "") + " per epoch"
     if name.startswith("masks_epoch"):
-        return "the policy's masks on fixed validation images, one figure per epoch"
+        masks = "the policy's masks" if cfg.noise == "beta" else f"the --noise {cfg.noise} masks"
+        return f"{masks} on fixed validation images, one figure per epoch"
     if name.startswith(f"model_{cfg.phase}_avg"):
         return f"the mean of the last epochs' classifier weights (--average-last {cfg.average_last})"
     return "written by this run"

@@ -1194,6 +1194,18 @@ def test_mask_figure_survives_a_failed_write_and_shows_every_class_in_full(tmp_p
         assert "--save-masks" in err and phase in err and not (tmp_path / phase).exists(), err
 
 
+def test_summary_describes_noise_ablation_files_without_a_policy():
+    """--noise uniform/gaussian runs have no policy: the summary called their figures "the policy's masks" and
+    promised the masks' statistics in curves.png, which draws none for them."""
+    for noise in ("uniform", "gaussian"):
+        cfg = tiny(noise=noise, save_masks=True)
+        assert "policy" not in pgnm.describe_output("masks_epoch001.png", cfg)
+        assert f"--noise {noise}" in pgnm.describe_output("masks_epoch001.png", cfg)
+        assert "statistics" not in pgnm.describe_output("curves.png", cfg)
+    assert "the policy's masks" in pgnm.describe_output("masks_epoch001.png", tiny(save_masks=True))
+    assert "statistics" in pgnm.describe_output("curves.png", tiny())
+
+
 def test_figure_images_are_one_per_class_spread_over_the_classes():
     targets = [i % 24 for i in range(96)]
     assert pgnm.figure_indices(targets) == [0, 3, 6, 9, 12, 15, 18, 21]
