@@ -1780,8 +1780,8 @@ def output_dir_lock(output_dir: str, log=print):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as e:
-        raise UserError(f"cannot create the lock file {path} ({e.strerror}): is it a symbolic link, or is the folder "
-                        f"read-only?") from None
+        raise UserError(f"cannot open the lock file {path} ({e.strerror}): it must be a plain file pgnm.py creates; "
+                        f"remove a link or folder there, or choose a writable --output-dir") from None
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -3557,10 +3557,19 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     parser.error = _one_line_usage_error
     args = vars(parser.parse_args(argv))
-    do_bench, bench_path, rounds = args.pop("bench", False), args.pop("bench_data", None), args.pop("bench_rounds", 20)
-    e2e_path, e2e_steps = args.pop("bench_e2e", None), args.pop("bench_steps", 150)
+    do_bench, bench_path, rounds = args.pop("bench", False), args.pop("bench_data", None), args.pop("bench_rounds", None)
+    e2e_path, e2e_steps = args.pop("bench_e2e", None), args.pop("bench_steps", None)
     phase = args.pop("phase", "heated")
     average, average_output = args.pop("average", None), args.pop("average_output", None)
+    for flag, value, needs, main_flag in (("--average-output", average_output, average, "--average"),
+                                          ("--bench-rounds", rounds, do_bench, "--bench"),
+                                          ("--bench-steps", e2e_steps, e2e_path, "--bench-e2e")):
+        if value is not None and not needs:     # alone, it would be ignored and a training run would start
+            _one_line_usage_error(f"{flag} only goes with {main_flag}: without it a training run would start")
+    rounds, e2e_steps = 20 if rounds is None else rounds, 150 if e2e_steps is None else e2e_steps
+    for flag, value in (("--bench-rounds", rounds), ("--bench-steps", e2e_steps)):
+        if value < 1:
+            _one_line_usage_error(f"{flag} {value}: must be >= 1")
     try:
         if average:
             average_checkpoints(average, average_output or os.path.join(os.path.dirname(os.path.abspath(average[0])),

@@ -775,6 +775,10 @@ BAD_FLAGS = [
     (["--auto-augment", "x"], "--auto-augment"),
     (["--policy-model", "vit"], "--policy-model"), (["--resume", ""], "--resume ''"),
     (["--lr", "abc"], "--lr"), (["--batch-size", "1.5"], "--batch-size"), (["--no-such-flag"], "--no-such-flag"),
+    (["--average-output", "x.pth"], "--average-output only goes with --average"),    # a training run started
+    (["--bench-rounds", "3"], "--bench-rounds only goes with --bench"),
+    (["--bench", "--bench-rounds", "0"], "--bench-rounds 0"),                         # IndexError traceback
+    (["--bench-e2e", "x", "--bench-steps", "0"], "--bench-steps 0"),
 ]
 
 
@@ -1601,6 +1605,19 @@ def test_leftover_temp_files_are_removed_at_start_and_links_not_followed(tmp_pat
     (out / "notes.tmp.1").write_text("not ours")
     pgnm.clean_temp_files(str(out), log=lambda *_: None)
     assert sorted(os.listdir(out)) == ["notes.tmp.1"] and victim.read_text() == "precious"
+
+
+def test_a_lock_file_that_is_a_folder_or_a_link_is_one_line_saying_what_to_do(tmp_path, capsys):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for kind in ("folder", "link"):
+        out = tmp_path / kind
+        out.mkdir()
+        (out / ".lock").mkdir() if kind == "folder" else os.symlink(victim, out / ".lock")
+        assert pgnm.cli([*TINY_CLI, "--output-dir", str(out)]) == 2
+        err = _one_error_line(capsys)
+        assert str(out / ".lock") in err and "remove a link or folder there" in err, err
+    assert victim.read_text() == "precious"
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
