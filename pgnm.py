@@ -3096,6 +3096,8 @@ def describe_output(name: str, cfg: Config) -> str:
     if name.startswith("masks_epoch"):
         masks = "the policy's masks" if cfg.noise == "beta" else f"the --noise {cfg.noise} masks"
         return f"{masks} on fixed validation images, one figure per epoch"
+    if name.startswith(f"{EPOCH_WEIGHTS}/"):
+        return f"the classifier's weights after that epoch, kept for --average-last {cfg.average_last}"
     if name.startswith(f"model_{cfg.phase}_avg"):
         return f"the mean of the last epochs' classifier weights (--average-last {cfg.average_last})"
     return "written by this run"
@@ -3106,7 +3108,10 @@ def written_since(out_dir: str, since: float) -> list[str]:
     order: the model, the checkpoints, the log and the config, then figures and anything else by name."""
     if not os.path.isdir(out_dir):
         return []
-    names = [e.name for e in os.scandir(out_dir) if e.is_file() and ".tmp." not in e.name and e.name != ".lock"
+    kept = os.path.join(out_dir, EPOCH_WEIGHTS)                       # --average-last's per-epoch weights
+    entries = [(e, e.name) for e in os.scandir(out_dir)] + \
+        ([(e, f"{EPOCH_WEIGHTS}/{e.name}") for e in os.scandir(kept)] if os.path.isdir(kept) else [])
+    names = [name for e, name in entries if e.is_file() and ".tmp." not in e.name and e.name != ".lock"
              and e.stat().st_mtime >= since - 0.05]
     first = ("model_", CHECKPOINT, CHECKPOINT_PREV, "log.jsonl", CONFIG_JSON, "curves.png")
     return sorted(names, key=lambda n: (next((i for i, p in enumerate(first) if n.startswith(p)), len(first)), n))

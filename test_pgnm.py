@@ -520,6 +520,22 @@ def test_average_refuses_nan_weights_and_names_the_file_that_does_not_fit(tmp_pa
     assert "--resume" not in err and "run the command again" in err, err
 
 
+def test_summary_lists_the_epoch_weights_average_last_keeps(tmp_path):
+    """--average-last wrote epoch_weights/model_epochNNN.pth, which the end summary's file list left out."""
+    import time
+    cfg = tiny(output_dir=str(tmp_path), epochs=2, average_last=2)
+    started = time.time()
+    os.makedirs(tmp_path / "epoch_weights")
+    for name in ("model_heated.pth", "model_heated_avg2.pth", "log.jsonl", ".lock", "epoch_weights/model_epoch001.pth",
+                 "epoch_weights/model_epoch002.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    lines = []
+    pgnm.log_summary(cfg, {"test_acc": 0.5}, 1.0, pgnm.written_since(str(tmp_path), started), lines.append)
+    listed = [ln.split()[0] for ln in lines if ln.startswith("  ")]
+    assert os.path.join(str(tmp_path), "epoch_weights/model_epoch002.pth") in listed, lines
+    assert len(listed) == 5 and all(os.path.isfile(p) for p in listed), lines
+
+
 def test_average_last_survives_a_kill_and_counts_clamps_across_a_resume(tmp_path, monkeypatch):
     """--average-last 2 on a 2-epoch heated run, straight and killed mid-epoch 2 then resumed: the same averaged
     file, equal to the hand average of the kept epoch files; the epoch's clamp count carried over the resume.
