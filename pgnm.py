@@ -3177,6 +3177,11 @@ def claim_output_dir(cfg: Config, info: DistInfo, log):
                 except OSError as e:
                     raise UserError(f"cannot create --output-dir {cfg.output_dir} ({e.strerror})") from None
                 stack.enter_context(output_dir_lock(cfg.output_dir, log))
+                earlier = [n for n in (CHECKPOINT, CHECKPOINT_PREV)
+                           if os.path.lexists(os.path.join(cfg.output_dir, n))]
+                if earlier and not cfg.resume:       # a new run there would rotate them away: work lost, silently
+                    raise UserError(f"--output-dir {cfg.output_dir} holds an earlier run ({earlier[0]}): continue it "
+                                    f"with --resume auto, or start afresh in another --output-dir (or remove it)")
                 log_path = os.path.join(cfg.output_dir, "log.jsonl")
                 if os.path.islink(log_path):
                     raise UserError(f"{log_path} is a symbolic link: pgnm.py does not write through links it did not "
@@ -3201,6 +3206,8 @@ def run_phase(cfg: Config, info: DistInfo) -> dict:
         data = build_data(cfg, info)
         with claim_output_dir(cfg, info, log):
             ckpt, ckpt_path = find_checkpoint(cfg, log)
+            if ckpt is None and info.is_main:     # from scratch: lines of epochs no checkpoint kept are stale
+                _trim_log(os.path.join(cfg.output_dir, "log.jsonl"), 0)
             run, state = build_run(cfg, info, data.num_classes, ckpt is not None, log)
             start = (restore_run(run, state, ckpt, ckpt_path, data.steps_per_epoch, log) if ckpt is not None
                      else Progress())

@@ -1623,6 +1623,25 @@ def test_leftover_temp_files_are_removed_at_start_and_links_not_followed(tmp_pat
     assert sorted(os.listdir(out)) == ["notes.tmp.1"] and victim.read_text() == "precious"
 
 
+def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints_or_appends_to_its_log(tmp_path, capsys):
+    """Without --resume, a run in a folder holding an earlier run's checkpoint rotated it away (the earlier run lost)
+    and appended its log lines to the earlier ones; a run that starts from scratch (no checkpoint) kept the lines of
+    epochs no checkpoint held, so log.jsonl counted epoch 1 twice."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"an earlier run")
+    assert pgnm.cli([*TINY_CLI, "--output-dir", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert "holds an earlier run (checkpoint.pth)" in err and "--resume auto" in err, err
+    assert (out / "checkpoint.pth").read_bytes() == b"an earlier run"
+    (out / "checkpoint.pth").unlink()
+    (out / "log.jsonl").write_text('{"phase": "heated", "epoch": 1, "train_loss": 99.0}\n')   # killed before its checkpoint
+    assert pgnm.cli([*TINY_CLI, "--epochs", "1", "--synthetic-per-class", "1", "--output-dir", str(out),
+                     "--resume", "auto"]) == 0
+    log = read_log(str(out))
+    assert [r["epoch"] for r in log] == [1, 1] and log[0]["train_loss"] != 99.0 and log[1]["final"], log
+
+
 def test_a_lock_file_that_is_a_folder_or_a_link_is_one_line_saying_what_to_do(tmp_path, capsys):
     victim = tmp_path / "victim"
     victim.write_text("precious")
