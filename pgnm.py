@@ -282,6 +282,11 @@ def validate_config(cfg: Config) -> None:
     need(cfg.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None,
          f"--device {cfg.device!r}: choose cpu, cuda or cuda:N")
     need(cfg.resume is None or cfg.resume != "", "--resume '': give a checkpoint PATH or 'auto'")
+    for name, instead in (("data_path", "leave the flag out for the built-in synthetic data"),
+                          ("output_dir", "leave the flag out for runs/<phase>"),
+                          ("finetune", "leave the flag out for the phase's default")):
+        need(getattr(cfg, name) != "", f"--{name.replace('_', '-')} '': give a path, or {instead} (an empty shell "
+                                       f"variable?)")
     need(cfg.output_dir is None or not os.path.isfile(cfg.output_dir),
          f"--output-dir {cfg.output_dir} is a file: give a folder (it is created if missing)")
     number("seed", 0, 2 ** 63 - 1)

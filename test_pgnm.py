@@ -791,6 +791,7 @@ BAD_FLAGS = [
     (["--auto-augment", "x"], "--auto-augment"),
     (["--policy-model", "vit"], "--policy-model"), (["--resume", ""], "--resume ''"),
     (["--lr", "abc"], "--lr"), (["--batch-size", "1.5"], "--batch-size"), (["--no-such-flag"], "--no-such-flag"),
+    (["--data-path", ""], "--data-path ''"), (["--finetune", ""], "--finetune ''"),   # synthetic data, random init
     (["--average-output", "x.pth"], "--average-output only goes with --average"),    # a training run started
     (["--bench-rounds", "3"], "--bench-rounds only goes with --bench"),
     (["--bench", "--bench-rounds", "0"], "--bench-rounds 0"),                         # IndexError traceback
