@@ -1636,7 +1636,7 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints_or_appends_to_it
     assert "holds an earlier run (checkpoint.pth)" in err and "--resume auto" in err, err
     assert (out / "checkpoint.pth").read_bytes() == b"an earlier run"
     (out / "checkpoint.pth").unlink()
-    (out / "log.jsonl").write_text('{"phase": "heated", "epoch": 1, "train_loss": 99.0}\n')   # killed before its checkpoint
+    (out / "log.jsonl").write_text('{"phase": "heated", "epoch": 1, "train_loss": 99.0}\n')   # killed before a checkpoint
     assert pgnm.cli([*TINY_CLI, "--epochs", "1", "--synthetic-per-class", "1", "--output-dir", str(out),
                      "--resume", "auto"]) == 0
     log = read_log(str(out))
