@@ -314,6 +314,10 @@ def default_labels(checkpoints: Sequence[str]) -> list[str]:
 def default_checkpoints(runs_dir: str = "runs") -> list[str]:
     """Every <runs_dir>/<phase>/model_<phase>.pth that exists, phases heated, finetune, baseline in that order."""
     paths = [os.path.join(runs_dir, p, f"model_{p}.pth") for p in DEFAULT_PHASES]
+    for p in paths:               # something there that is not a weights file is not silently left out
+        if os.path.lexists(p) and not os.path.isfile(p):
+            what = "a folder" if os.path.isdir(p) else "a broken link" if os.path.islink(p) else "not a file"
+            raise UserError(f"{p} is {what}: remove it, or pass --checkpoints with the files to compare")
     found = [p for p in paths if os.path.isfile(p)]
     if not found:
         raise UserError(f"none of {', '.join(paths)} exists: run `python pgnm.py --phase heated` (then --phase "

@@ -150,7 +150,8 @@ class Config:
                                        "its mmap/trim thresholds so freed activations are reused, and says so at start)")
     # --- logging -----------------------------------------------------------------------------------------------------
     print_freq: int = _f(10, "progress line every N steps")
-    save_masks: bool = _f(False, "write masks_epochNNN.png (images, masks, masked images) every epoch")
+    save_masks: bool = _f(False, "heated phase: write masks_epochNNN.png (images, masks, masked images) every "
+                             "epoch")
 
 
 # Each phase starts from Config's paper defaults and changes only these (the authors' finetune recipe, README).
@@ -281,6 +282,11 @@ def validate_config(cfg: Config) -> None:
     need(cfg.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None,
          f"--device {cfg.device!r}: choose cpu, cuda or cuda:N")
     need(cfg.resume is None or cfg.resume != "", "--resume '': give a checkpoint PATH or 'auto'")
+    for name, instead in (("data_path", "leave the flag out for the built-in synthetic data"),
+                          ("output_dir", "leave the flag out for runs/<phase>"),
+                          ("finetune", "leave the flag out for the phase's default")):
+        need(getattr(cfg, name) != "", f"--{name.replace('_', '-')} '': give a path, or {instead} (an empty shell "
+                                       f"variable?)")
     need(cfg.output_dir is None or not os.path.isfile(cfg.output_dir),
          f"--output-dir {cfg.output_dir} is a file: give a folder (it is created if missing)")
     number("seed", 0, 2 ** 63 - 1)
@@ -323,6 +329,8 @@ def validate_config(cfg: Config) -> None:
     number("workers", 0)
     number("policy_size", 16, what="at least 16 px", optional=True)
     number("save_every_steps", 0)
+    need(not cfg.save_masks or cfg.phase == "heated", f"--save-masks draws the heated phase's masks; the {cfg.phase} "
+         f"phase trains on clean images and has none: drop --save-masks")
     number("average_last", 0, cfg.epochs, what=f"between 0 (off) and --epochs ({cfg.epochs})")
     number("max_bad_steps", 1)
     number("print_freq", 1)
@@ -1443,6 +1451,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def load_failure(path: str, e: BaseException) -> str:
+    """Why torch.load could not read `path`, in words (for one-line errors): an empty file, a file that is not a
+    PyTorch file at all (torch.save writes a zip, older torch a pickle), objects that weights_only refuses, or the
+    exception's first line. Never the advice to load with weights_only=False that torch's own message gives."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if not head:
+            return "the file is empty"
+        if head[:2] != b"PK" and head[:1] != b"\x80":
+            return "not a PyTorch file: torch.save writes a zip archive"
+    text = str(e).strip()
+    if "Weights only load failed" in text:
+        return "it holds objects other than tensors and plain data, which are never loaded (weights_only=True)"
+    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+
+
 def safe_load(path: str, map_location="cpu"):
     """torch.load with weights_only=True (no code runs from the file). argparse.Namespace, which the authors' and
     torchvision's checkpoints carry under 'args', is allowed as plain data."""
@@ -1507,11 +1532,11 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def atomic_save(obj, path: str, keep_previous: str | None = None) -> None:
+def atomic_save(obj, path: str, keep_previous: str | None = None, then: str = "resume with --resume auto") -> None:
     """torch.save through write_atomic (serialised in memory first, so a failed write is a plain OSError)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    write_atomic(path, buf.getbuffer(), keep_previous)
+    write_atomic(path, buf.getbuffer(), keep_previous, then)
 
 
 def nonfinite_tensors(obj, prefix: str = "") -> list[str]:
@@ -1557,8 +1582,7 @@ def verify_and_load(path: str) -> dict:
     except CorruptCheckpoint:
         raise
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, a refused global, ...
-        raise CorruptCheckpoint(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
-                                ) from None
+        raise CorruptCheckpoint(load_failure(path, e)) from None
     if isinstance(obj, dict):
         bad = nonfinite_tensors({k: obj.get(k) for k in ("model", "policy_net", "base_alpha", "base_beta",
                                                          "optimizer", "pol_optimizer") if k in obj})
@@ -1582,7 +1606,7 @@ def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
     try:
         obj = safe_load(path)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot load weights from {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"cannot load weights from {flag} {path} ({load_failure(path, e)})") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -1592,7 +1616,7 @@ def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
     return strip_prefixes(obj)
 
 
-def average_state_dicts(state_dicts: Sequence[dict]) -> dict:
+def average_state_dicts(state_dicts: Sequence[dict], names: Sequence[str] | None = None) -> dict:
     """The key-by-key mean of N state dicts, the authors' release step (their utils/weight_averaging.py averages the
     last three epochs' weights). Floating tensors: summed in the given order in their own dtype, then divided by N,
     as theirs (bit for bit). Integer tensors (BatchNorm's num_batches_tracked): the floor of the mean, kept integer;
@@ -1601,13 +1625,14 @@ def average_state_dicts(state_dicts: Sequence[dict]) -> dict:
     if not state_dicts:
         raise UserError("nothing to average: give at least one state dict")
     first = state_dicts[0]
+    names = list(names) if names is not None else [f"state dict {i}" for i in range(len(state_dicts))]
     for i, sd in enumerate(state_dicts[1:], start=1):
         if set(sd) != set(first):
             diff = sorted(set(sd) ^ set(first))
-            raise UserError(f"state dict {i} has other keys than the first ({diff[:3]}): average weights of one model")
+            raise UserError(f"{names[i]} has other keys than {names[0]} ({diff[:3]}): average weights of one model")
         bad = [k for k in first if sd[k].shape != first[k].shape or sd[k].dtype != first[k].dtype]
         if bad:
-            raise UserError(f"state dict {i} differs from the first at {bad[:3]} (shape or dtype): "
+            raise UserError(f"{names[i]} differs from {names[0]} at {bad[:3]} (shape or dtype): "
                             f"average weights of one model")
     n, out = len(state_dicts), {}
     for k, v in first.items():
@@ -1622,11 +1647,17 @@ def average_state_dicts(state_dicts: Sequence[dict]) -> dict:
     return out
 
 
-def average_checkpoints(paths: Sequence[str], output: str, log=print) -> dict:
+def average_checkpoints(paths: Sequence[str], output: str, log=print, then: str = "resume with --resume auto") -> dict:
     """Average the classifier weights of checkpoint or weight files (ours, the authors' model_<epoch>.pth, timm,
     torchvision; prefixes stripped) into `output`, a bare state_dict. Returns the average."""
-    avg = average_state_dicts([load_classifier_weights(p, "--average") for p in paths])
-    atomic_save(avg, output)
+    state_dicts = [load_classifier_weights(p, "--average") for p in paths]
+    for p, sd in zip(paths, state_dicts):
+        bad = nonfinite_tensors(sd)
+        if bad:
+            raise UserError(f"--average {p} holds NaN/inf in {', '.join(bad[:3])}: leave it out (an average with it "
+                            f"would be NaN)")
+    avg = average_state_dicts(state_dicts, paths)
+    atomic_save(avg, output, then=then)
     log(f"saved {output}: the mean of {len(paths)} state dicts ({', '.join(os.path.basename(p) for p in paths)})")
     return avg
 
@@ -1754,8 +1785,8 @@ def output_dir_lock(output_dir: str, log=print):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as e:
-        raise UserError(f"cannot create the lock file {path} ({e.strerror}): is it a symbolic link, or is the folder "
-                        f"read-only?") from None
+        raise UserError(f"cannot open the lock file {path} ({e.strerror}): it must be a plain file pgnm.py creates; "
+                        f"remove a link or folder there, or choose a writable --output-dir") from None
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2233,9 +2264,15 @@ class FixedImages:
 
 
 def fixed_images(dataset: AugmentedDataset, classes: Sequence[str]) -> FixedImages | None:
-    """figure_indices' samples of a validation set through its (evaluation) transform."""
-    picked = [(dataset[i], dataset.targets[i]) for i in figure_indices(dataset.targets)]
-    picked = [(s[0], t) for s, t in picked if s is not None]          # --skip-bad-images: unreadable ones left out
+    """figure_indices' samples of a validation set through its (evaluation) transform. With --skip-bad-images, a
+    class whose first image is unreadable shows its first readable one; a class with none is left out."""
+    picked = []
+    for i in figure_indices(dataset.targets):
+        t = dataset.targets[i]
+        sample = next((s for j in range(i, len(dataset)) if dataset.targets[j] == t
+                       for s in [dataset[j]] if s is not None), None)
+        if sample is not None:
+            picked.append((sample[0], t))
     if not picked:
         return None
     return FixedImages(torch.stack([s for s, _ in picked]), [classes[t] for _, t in picked])
@@ -2338,13 +2375,16 @@ def save_mask_figure(path: str, images: torch.Tensor, masks: torch.Tensor, mean:
     m = masks.float().clamp(0, 1)
     as_rgb = lambda t: (t.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)   # noqa: E731
     rows = {"image": as_rgb(img), "mask": colormap(m[:, 0].numpy()), "masked": as_rgb(img * m)}
-    canvas = Image.new("RGB", lay["size"], "white")
+    big, small = _font(16), _font(13)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([lay["size"][0]] + [round(probe.textlength(line, font=big if i == 0 else small)) + 16
+                                    for i, line in enumerate(title[:2])])     # a title never cut off
+    canvas = Image.new("RGB", (width, lay["size"][1]), "white")
     draw = ImageDraw.Draw(canvas)
     resample = Image.NEAREST if tile >= max(h, w) else Image.BILINEAR
     for name, arr in rows.items():
         for c in range(k):
             canvas.paste(Image.fromarray(arr[c]).resize((tile, tile), resample), (lay["cols"][c], lay["rows"][name]))
-    big, small = _font(16), _font(13)
     for i, line in enumerate(title[:2]):
         draw.text((8, 4 + i * 20), line, fill="black", font=big if i == 0 else small)
     for name, y in lay["rows"].items():
@@ -2587,6 +2627,25 @@ def apply_new_schedule(run: Run, saved_args: dict, epochs_done: int, source: str
         f"for epoch {epochs_done + 1} of {cfg.epochs})")
 
 
+UNNOTED_ON_RESUME = ("resume", "output_dir", "device", "workers", "print_freq", "no_malloc_tuning", "finetune")
+
+
+def note_other_changes(cfg: Config, saved_args: dict, start: Progress, source: str, log) -> None:
+    """Resuming with other flags than the schedule's (apply_new_schedule): this run's values win from where it
+    continues, and one note line names them, so that a run trained partly with other settings (a --kernel, a --seed,
+    a --tau-image) is never mistaken for a straight one; config.json holds this run's values. Flags that cannot change
+    the numbers (where to write, how many loader workers, ...) are not named."""
+    skip = set(SCHEDULE_FIELDS) | set(UNNOTED_ON_RESUME)
+    changed = [f.name for f in dataclasses.fields(Config)
+               if f.name not in skip and f.name in saved_args and saved_args[f.name] != getattr(cfg, f.name)]
+    if changed:
+        flag = lambda k, v: f"--{k.replace('_', '-')} {format_value(v)}"     # noqa: E731
+        log(f"note: {source} was written with " + " ".join(flag(k, saved_args[k]) for k in changed)
+            + "; this run has " + " ".join(flag(k, getattr(cfg, k)) for k in changed)
+            + f": the new values apply from epoch {start.epoch + 1}, step {start.step} on (the epochs before used the "
+              f"old ones)")
+
+
 def json_safe(obj):
     """NaN and inf as null, so that every log line is valid JSON (json.dumps would write bare NaN)."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -2728,8 +2787,10 @@ def find_checkpoint(cfg: Config, log) -> tuple[dict | None, str | None]:
     try:
         ckpt = verify_and_load(cfg.resume)
     except CorruptCheckpoint as e:
-        raise UserError(f"--resume {cfg.resume} is unusable ({e}); "
-                        f"try {os.path.join(os.path.dirname(cfg.resume), CHECKPOINT_PREV)}") from None
+        prev = os.path.join(os.path.dirname(cfg.resume), CHECKPOINT_PREV)
+        hint = (f"try {prev}" if os.path.isfile(prev) and not os.path.samefile(prev, cfg.resume)
+                else "give a checkpoint.pth written by pgnm.py")
+        raise UserError(f"--resume {cfg.resume} is unusable ({e}); {hint}") from None
     check_resumable(ckpt, cfg.resume)
     return ckpt, cfg.resume
 
@@ -2807,6 +2868,7 @@ def restore_run(run: Run, state: StepState, ckpt: dict, ckpt_path: str, steps_pe
     else:
         start.meter = ckpt.get("meter") or start.meter
     apply_new_schedule(run, ckpt.get("args") or {}, start.epoch, ckpt_path, log)
+    note_other_changes(run.cfg, ckpt.get("args") or {}, start, ckpt_path, log)
     log(f"resumed from {ckpt_path}: epoch {start.epoch + 1}, step {start.step}")
     if run.info.is_main:
         out = run.cfg.output_dir
@@ -2977,14 +3039,17 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
                 if cfg.average_last and epoch >= cfg.epochs - cfg.average_last:   # before the checkpoint, likewise
                     os.makedirs(os.path.join(out_dir, EPOCH_WEIGHTS), exist_ok=True)
                     atomic_save(run.model_raw.state_dict(), epoch_weights_path(out_dir, epoch + 1))
+            figure = None                  # likewise: a run stopped before the checkpoint draws it again on resume
+            if run.info.is_main and cfg.save_masks and masks is not None:
+                figure = write_mask_figure(run, epoch, fixed, masks[0], rec)
             save_checkpoint(run, state, epoch, spe, spe, {"loss_sum": 0.0, "n_ok": 0})
             clock.outside = time.perf_counter() - t_trained     # evaluation and checkpoint, for the ETAs
             log(f"[{cfg.phase}] epoch {epoch + 1}/{cfg.epochs} done: train_loss {rec['train_loss']:.4f}  "
                 + "  ".join(f"{k} {rec[k]:.4f}" for k in EPOCH_LINE_KEYS if k in rec)
                 + f"  | epoch {datetime.timedelta(seconds=int(time.perf_counter() - t_start))}"
                   f"  run eta {clock.remaining(epoch, stats['sec_per_step'], 0, evaluated=True)}")
-            if run.info.is_main and cfg.save_masks and masks is not None:
-                log(f"wrote {write_mask_figure(run, epoch, fixed, masks[0], rec)}")
+            if figure is not None:
+                log(f"wrote {figure}")
             clock.outside = time.perf_counter() - t_trained
             last = rec
             if epoch + 1 < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:
@@ -3033,11 +3098,13 @@ def describe_output(name: str, cfg: Config) -> str:
     if name == CONFIG_JSON:
         return "every setting of this run"
     if name == "curves.png":
-        return "losses, accuracies" + (" and the masks' statistics" if cfg.phase == "heated" else "") + " per epoch"
+        policy = cfg.phase == "heated" and cfg.noise == "beta"
+        return "losses, accuracies" + (" and the masks' statistics" if policy else "") + " per epoch"
     if name.startswith("masks_epoch"):
-        return "the policy's masks on fixed validation images, one figure per epoch"
-    if name.startswith(EPOCH_WEIGHTS + "/"):
-        return f"one epoch's classifier weights, kept for --average-last {cfg.average_last}"
+        masks = "the policy's masks" if cfg.noise == "beta" else f"the --noise {cfg.noise} masks"
+        return f"{masks} on fixed validation images, one figure per epoch"
+    if name.startswith(f"{EPOCH_WEIGHTS}/"):
+        return f"the classifier's weights after that epoch, kept for --average-last {cfg.average_last}"
     if name.startswith(f"model_{cfg.phase}_avg"):
         return f"the mean of the last epochs' classifier weights (--average-last {cfg.average_last})"
     return "written by this run"
@@ -3119,6 +3186,11 @@ def claim_output_dir(cfg: Config, info: DistInfo, log):
                 except OSError as e:
                     raise UserError(f"cannot create --output-dir {cfg.output_dir} ({e.strerror})") from None
                 stack.enter_context(output_dir_lock(cfg.output_dir, log))
+                earlier = [n for n in (CHECKPOINT, CHECKPOINT_PREV)
+                           if os.path.lexists(os.path.join(cfg.output_dir, n))]
+                if earlier and not cfg.resume:       # a new run there would rotate them away: work lost, silently
+                    raise UserError(f"--output-dir {cfg.output_dir} holds an earlier run ({earlier[0]}): continue it "
+                                    f"with --resume auto, or start afresh in another --output-dir (or remove it)")
                 log_path = os.path.join(cfg.output_dir, "log.jsonl")
                 if os.path.islink(log_path):
                     raise UserError(f"{log_path} is a symbolic link: pgnm.py does not write through links it did not "
@@ -3143,6 +3215,8 @@ def run_phase(cfg: Config, info: DistInfo) -> dict:
         data = build_data(cfg, info)
         with claim_output_dir(cfg, info, log):
             ckpt, ckpt_path = find_checkpoint(cfg, log)
+            if ckpt is None and info.is_main:     # from scratch: lines of epochs no checkpoint kept are stale
+                _trim_log(os.path.join(cfg.output_dir, "log.jsonl"), 0)
             run, state = build_run(cfg, info, data.num_classes, ckpt is not None, log)
             start = (restore_run(run, state, ckpt, ckpt_path, data.steps_per_epoch, log) if ckpt is not None
                      else Progress())
@@ -3504,14 +3578,25 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     parser.error = _one_line_usage_error
     args = vars(parser.parse_args(argv))
-    do_bench, bench_path, rounds = args.pop("bench", False), args.pop("bench_data", None), args.pop("bench_rounds", 20)
-    e2e_path, e2e_steps = args.pop("bench_e2e", None), args.pop("bench_steps", 150)
+    do_bench, bench_path = args.pop("bench", False), args.pop("bench_data", None)
+    rounds = args.pop("bench_rounds", None)
+    e2e_path, e2e_steps = args.pop("bench_e2e", None), args.pop("bench_steps", None)
     phase = args.pop("phase", "heated")
     average, average_output = args.pop("average", None), args.pop("average_output", None)
+    for flag, value, needs, main_flag in (("--average-output", average_output, average, "--average"),
+                                          ("--bench-rounds", rounds, do_bench, "--bench"),
+                                          ("--bench-steps", e2e_steps, e2e_path, "--bench-e2e")):
+        if value is not None and not needs:     # alone, it would be ignored and a training run would start
+            _one_line_usage_error(f"{flag} only goes with {main_flag}: without it a training run would start")
+    rounds, e2e_steps = 20 if rounds is None else rounds, 150 if e2e_steps is None else e2e_steps
+    for flag, value in (("--bench-rounds", rounds), ("--bench-steps", e2e_steps)):
+        if value < 1:
+            _one_line_usage_error(f"{flag} {value}: must be >= 1")
     try:
         if average:
             average_checkpoints(average, average_output or os.path.join(os.path.dirname(os.path.abspath(average[0])),
-                                                                        f"model_avg{len(average)}.pth"))
+                                                                        f"model_avg{len(average)}.pth"),
+                                then="run the command again")
             return 0
         if e2e_path is not None:
             args["data_path"] = e2e_path

@@ -524,6 +524,66 @@ def test_average_cli_reads_the_authors_epoch_files(tmp_path):
     assert list(out) == list(expected) and all(torch.equal(out[k], expected[k]) for k in out)
 
 
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_weights_that_are_not_a_torch_file_are_one_line_with_no_weights_only_false_advice(tmp_path, capsys):
+    """An empty file once raised IndexError (a traceback) in --average, --finetune, --resume and evaluate.py; a JSON
+    file got torch's advice to load with weights_only=False; --resume advised a checkpoint_prev.pth that did not
+    exist."""
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "config.json").write_text('{"lr": 0.1}')
+    for name, why in (("empty.pth", "the file is empty"), ("config.json", "not a PyTorch file")):
+        p = str(tmp_path / name)
+        assert pgnm.cli(["--average", p, "--average-output", str(tmp_path / "a.pth")]) == 2
+        err = _one_error_line(capsys)
+        assert p in err and why in err and "weights_only" not in err, err
+        assert pgnm.cli([*TINY_CLI, "--output-dir", str(tmp_path / "o"), "--resume", p]) == 2
+        err = _one_error_line(capsys)
+        assert why in err and "checkpoint_prev" not in err and "give a checkpoint.pth" in err, err
+    import evaluate
+    assert evaluate.cli(["--checkpoints", str(tmp_path / "empty.pth"), "--output-dir", str(tmp_path / "e")]) == 2
+    assert "the file is empty" in _one_error_line(capsys)
+
+
+def test_average_refuses_nan_weights_and_names_the_file_that_does_not_fit(tmp_path, capsys):
+    sds = _three_trained_looking_state_dicts()
+    good, nan, other = (str(tmp_path / n) for n in ("good.pth", "nan.pth", "other.pth"))
+    torch.save(sds[0], good)
+    torch.save({k: (v.clone().fill_(float("nan")) if k == "fc.bias" else v) for k, v in sds[1].items()}, nan)
+    torch.save(pgnm.resnet10t(num_classes=3).state_dict(), other)
+    out = tmp_path / "avg.pth"
+    assert pgnm.cli(["--average", good, nan, "--average-output", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert nan in err and "fc.bias" in err and "NaN" in err and not out.exists(), err
+    assert pgnm.cli(["--average", good, other, "--average-output", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert other in err and good in err and not out.exists(), err
+    assert pgnm.cli(["--average", good, good, "--average-output", str(tmp_path)]) == 2     # a folder in the way
+    err = _one_error_line(capsys)
+    assert "--resume" not in err and "run the command again" in err, err
+
+
+def test_summary_lists_the_epoch_weights_average_last_keeps(tmp_path):
+    """--average-last wrote epoch_weights/model_epochNNN.pth, which the end summary's file list left out."""
+    import time
+    cfg = tiny(output_dir=str(tmp_path), epochs=2, average_last=2)
+    started = time.time()
+    os.makedirs(tmp_path / "epoch_weights")
+    for name in ("model_heated.pth", "model_heated_avg2.pth", "log.jsonl", ".lock", "epoch_weights/model_epoch001.pth",
+                 "epoch_weights/model_epoch002.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    lines = []
+    pgnm.log_summary(cfg, {"test_acc": 0.5}, 1.0, pgnm.written_since(str(tmp_path), started), lines.append)
+    rows = [ln.split() for ln in lines if ln.startswith("  ")]             # PATH what | FIRST .. LAST (N files) what
+    listed = [p for w in rows for p in ([w[0], w[2]] if w[1] == ".." else [w[0]])]
+    assert os.path.join(str(tmp_path), "epoch_weights/model_epoch002.pth") in listed, lines
+    assert len(listed) == 5 and all(os.path.isfile(p) for p in listed), lines
+
+
 def test_average_last_survives_a_kill_and_counts_clamps_across_a_resume(tmp_path, monkeypatch, capsys):
     """--average-last 2 on a 2-epoch heated run, straight and killed mid-epoch 2 then resumed: the same averaged
     file, equal to the hand average of the kept epoch files; the epoch's clamp count carried over the resume.
@@ -782,6 +842,11 @@ BAD_FLAGS = [
     (["--auto-augment", "x"], "--auto-augment"),
     (["--policy-model", "vit"], "--policy-model"), (["--resume", ""], "--resume ''"),
     (["--lr", "abc"], "--lr"), (["--batch-size", "1.5"], "--batch-size"), (["--no-such-flag"], "--no-such-flag"),
+    (["--data-path", ""], "--data-path ''"), (["--finetune", ""], "--finetune ''"),   # synthetic data, random init
+    (["--average-output", "x.pth"], "--average-output only goes with --average"),    # a training run started
+    (["--bench-rounds", "3"], "--bench-rounds only goes with --bench"),
+    (["--bench", "--bench-rounds", "0"], "--bench-rounds 0"),                         # IndexError traceback
+    (["--bench-e2e", "x", "--bench-steps", "0"], "--bench-steps 0"),
 ]
 
 
@@ -1522,6 +1587,45 @@ def test_mask_figure_follows_the_same_images_and_is_labelled(heated_run):
     assert np.abs(f[y1 - 2, x0 + 8].astype(int) - pgnm.colormap(0.0)).max() <= 3
 
 
+def test_mask_figure_survives_a_failed_write_and_shows_every_class_in_full(tmp_path, capsys):
+    """The figure was drawn after the epoch's checkpoint, so a run stopped in between (a kill, a folder in the way)
+    never drew it; a class whose first validation image was unreadable (--skip-bad-images) was left out; with few
+    classes the title was cut off at the right edge; --save-masks on a phase without masks did nothing, silently."""
+    root, out = str(tmp_path / "data"), str(tmp_path / "o")
+    classes = ("a b", "ünï", "x" * 60)
+    _write_imagefolder(root, classes=classes, per=3, size=32, modes=("L",))
+    (tmp_path / "data" / "val" / "a b" / "0.png").write_bytes(b"not an image")        # the first of its class
+    os.makedirs(os.path.join(out, "masks_epoch001.png"))                               # in the way
+    args = [*TINY_CLI, "--epochs", "1", "--data-path", root, "--model", "resnet10t", "--batch-size", "3",
+            "--skip-bad-images", "--save-masks", "--output-dir", out, "--resume", "auto"]
+    assert pgnm.cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "masks_epoch001.png" in err, err
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth"))      # so the resume trains epoch 1 and draws it
+    os.rmdir(os.path.join(out, "masks_epoch001.png"))
+    assert pgnm.cli(args) == 0
+    assert len(read_log(out)[0]["mask_mean_images"]) == 3                  # every class followed
+    png = np.asarray(Image.open(os.path.join(out, "masks_epoch001.png")).convert("L"))
+    assert (png[:40, -8:] == 255).all()                                    # the title ends inside the picture
+    capsys.readouterr()
+    for phase in ("finetune", "baseline"):
+        assert pgnm.cli(["--phase", phase, "--save-masks", "--output-dir", str(tmp_path / phase)]) == 2
+        err = _one_error_line(capsys)
+        assert "--save-masks" in err and phase in err and not (tmp_path / phase).exists(), err
+
+
+def test_summary_describes_noise_ablation_files_without_a_policy():
+    """--noise uniform/gaussian runs have no policy: the summary called their figures "the policy's masks" and
+    promised the masks' statistics in curves.png, which draws none for them."""
+    for noise in ("uniform", "gaussian"):
+        cfg = tiny(noise=noise, save_masks=True)
+        assert "policy" not in pgnm.describe_output("masks_epoch001.png", cfg)
+        assert f"--noise {noise}" in pgnm.describe_output("masks_epoch001.png", cfg)
+        assert "statistics" not in pgnm.describe_output("curves.png", cfg)
+    assert "the policy's masks" in pgnm.describe_output("masks_epoch001.png", tiny(save_masks=True))
+    assert "statistics" in pgnm.describe_output("curves.png", tiny())
+
+
 def test_figure_images_are_one_per_class_spread_over_the_classes():
     targets = [i % 24 for i in range(96)]
     assert pgnm.figure_indices(targets) == [0, 3, 6, 9, 12, 15, 18, 21]
@@ -1924,6 +2028,38 @@ def test_leftover_temp_files_are_removed_at_start_and_links_not_followed(tmp_pat
     assert sorted(os.listdir(out)) == ["notes.tmp.1"] and victim.read_text() == "precious"
 
 
+def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints_or_appends_to_its_log(tmp_path, capsys):
+    """Without --resume, a run in a folder holding an earlier run's checkpoint rotated it away (the earlier run lost)
+    and appended its log lines to the earlier ones; a run that starts from scratch (no checkpoint) kept the lines of
+    epochs no checkpoint held, so log.jsonl counted epoch 1 twice."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"an earlier run")
+    assert pgnm.cli([*TINY_CLI, "--output-dir", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert "holds an earlier run (checkpoint.pth)" in err and "--resume auto" in err, err
+    assert (out / "checkpoint.pth").read_bytes() == b"an earlier run"
+    (out / "checkpoint.pth").unlink()
+    (out / "log.jsonl").write_text('{"phase": "heated", "epoch": 1, "train_loss": 99.0}\n')   # killed before a checkpoint
+    assert pgnm.cli([*TINY_CLI, "--epochs", "1", "--synthetic-per-class", "1", "--output-dir", str(out),
+                     "--resume", "auto"]) == 0
+    log = read_log(str(out))
+    assert [r["epoch"] for r in log] == [1, 1] and log[0]["train_loss"] != 99.0 and log[1]["final"], log
+
+
+def test_a_lock_file_that_is_a_folder_or_a_link_is_one_line_saying_what_to_do(tmp_path, capsys):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for kind in ("folder", "link"):
+        out = tmp_path / kind
+        out.mkdir()
+        (out / ".lock").mkdir() if kind == "folder" else os.symlink(victim, out / ".lock")
+        assert pgnm.cli([*TINY_CLI, "--output-dir", str(out)]) == 2
+        err = _one_error_line(capsys)
+        assert str(out / ".lock") in err and "remove a link or folder there" in err, err
+    assert victim.read_text() == "precious"
+
+
 def test_a_second_run_in_the_same_output_dir_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
     import signal
     out = str(tmp_path / "o")
@@ -2125,6 +2261,21 @@ def test_resume_with_a_new_lr_rebuilds_the_schedules_and_keeps_momentum(tmp_path
     msgs.clear()
     pgnm.restore_run(run3, state3, ck, "c.pth", 12, msgs.append)
     assert not [m for m in msgs if m.startswith("note:")]
+
+
+def test_resume_with_other_flags_than_the_schedules_says_so(tmp_path):
+    """--kernel, --sigma, --seed, --tau-image changed on resume were taken without a word, and config.json then
+    claimed the new values for the whole run."""
+    run1, state1 = _tiny_run(epochs=2)
+    ck = pgnm.make_checkpoint(run1, state1, 0, 12, 12, {"loss_sum": 0.0, "n_ok": 12})   # epoch 1 of 2 done
+    run2, state2 = _tiny_run(epochs=2, kernel=5, sigma=2.0, seed=3, tau_image=0.5, workers=1, output_dir=str(tmp_path))
+    msgs = []
+    pgnm.restore_run(run2, state2, ck, "c.pth", 12, msgs.append)
+    note = [m for m in msgs if m.startswith("note:")]
+    assert len(note) == 1, msgs
+    assert "written with --seed 0 --kernel 3 --sigma 1.0 --tau-image 0.9;" in note[0], note
+    assert "this run has --seed 3 --kernel 5 --sigma 2.0 --tau-image 0.5" in note[0] and "epoch 2" in note[0], note
+    assert "--workers" not in note[0] and "--output-dir" not in note[0], note
 
 
 def test_log_lines_are_strict_json_with_null_for_nan(tmp_path):
@@ -3053,6 +3204,23 @@ def test_outputs_name_every_file_and_lowshot_png_needs_matplotlib(tmp_path, monk
     assert os.path.exists(tmp_path / "lowshot.png") == with_matplotlib
     assert with_matplotlib or any("lowshot.png not written" in ln and "pip install matplotlib" in ln for ln in lines)
     assert json.load(open(tmp_path / "results.json"))["datasets"]["d"]["mlp"]["A"]["f1_ci"] is None   # NaN -> null
+
+
+def test_evaluate_without_arguments_refuses_a_phase_model_that_is_not_a_file(tmp_path, capsys):
+    """A folder or a broken link at runs/<phase>/model_<phase>.pth was skipped without a word: the table silently
+    compared fewer backbones."""
+    runs = tmp_path / "runs"
+    os.makedirs(runs / "baseline")
+    torch.save(pgnm.build_model("resnet10t", 24).state_dict(), str(runs / "baseline" / "model_baseline.pth"))
+    os.makedirs(runs / "heated" / "model_heated.pth")
+    os.makedirs(runs / "finetune")
+    os.symlink(tmp_path / "gone.pth", runs / "finetune" / "model_finetune.pth")
+    for phase, what in (("heated", "a folder"), ("finetune", "a broken link")):
+        assert ev.cli(["--runs-dir", str(runs), "--output-dir", str(tmp_path / "ev")]) == 2
+        err = _one_error_line(capsys)
+        assert f"model_{phase}.pth is {what}" in err, err
+        shutil.rmtree(runs / phase)
+    assert not (tmp_path / "ev").exists()
 
 
 def test_evaluate_without_arguments_uses_every_phase_model_in_order(tmp_path, capsys):
