@@ -1416,6 +1416,20 @@ def heated_run(tmp_path_factory):
     return cfg, out, printed.getvalue(), res
 
 
+def test_save_masks_draws_without_changing_the_run(heated_run, tmp_path):
+    """The README's pictures come from a --save-masks run and its table from a plain one: the same numbers."""
+    cfg, out = heated_run[0], heated_run[1]
+    plain = str(tmp_path / "plain")
+    pgnm.main(dataclasses.replace(cfg, output_dir=plain, save_masks=False))
+    assert [f for f in os.listdir(out) if f.startswith("masks_epoch")] and \
+        not [f for f in os.listdir(plain) if f.startswith("masks_epoch")]
+    a, b = (torch.load(os.path.join(d, "model_heated.pth"), weights_only=True) for d in (out, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = {"epoch_seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in read_log(out)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in read_log(plain)]
+
+
 def test_heated_then_finetune_end_to_end(heated_run):
     timm = pytest.importorskip("timm")
     res, runs = heated_run[3], pathlib.Path(heated_run[1]).parent
