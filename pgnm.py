@@ -344,8 +344,9 @@ def validate_config(cfg: Config) -> None:
 # =====================================================================================================================
 
 BETA_EPS = 1e-6  # masks are clamped to [eps, 1 - eps]: Beta.log_prob(0 or 1) is +-inf, and float32 samples hit 0/1
-LOG_CONCENTRATION_LIMIT = 20.0  # |log alpha|, |log beta| <= 20 keeps exp() finite in float32; binds only when a
-#                                diverging policy emits larger values (a test provokes it)
+# |log alpha|, |log beta| <= 20 keeps exp() finite in float32; binds only when a diverging policy emits larger values
+# (a test provokes it)
+LOG_CONCENTRATION_LIMIT = 20.0
 
 
 def mix_image_params(dataset_param: torch.Tensor, image_param: torch.Tensor, tau_i: float) -> torch.Tensor:
