@@ -279,7 +279,7 @@ def validate_config(cfg: Config) -> None:
     for name, allowed in CHOICES.items():
         need(getattr(cfg, name) in allowed, f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
              f"{', '.join(str(v) for v in allowed if v is not None)}")
-    need(cfg.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None,
+    need(cfg.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device.strip().lower()) is not None,  # as resolve_device
          f"--device {cfg.device!r}: choose cpu, cuda or cuda:N")
     need(cfg.resume is None or cfg.resume != "", "--resume '': give a checkpoint PATH or 'auto'")
     for name, instead in (("data_path", "leave the flag out for the built-in synthetic data"),

@@ -1239,9 +1239,9 @@ def _load_jsonl(path: str) -> list[dict]:
 
 def check_run_arguments_numbers(ratios: Sequence[float], seed: int, workers: int, params: CleanParams) -> None:
     """Every numeric argument's range, with a message that says what to do."""
-    if len(ratios) != 3 or not all(np.isfinite(r) and r >= 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
-        raise UserError(f"--ratios {' '.join(map(str, ratios))}: give three non-negative numbers summing to 1 "
-                        f"(train val test, e.g. 0.8 0.1 0.1)")
+    if len(ratios) != 3 or not all(np.isfinite(r) and r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise UserError(f"--ratios {' '.join(map(str, ratios))}: give three positive numbers summing to 1, one per "
+                        f"split, each of which gets images (train val test, e.g. 0.8 0.1 0.1)")
     for flag, value, lo, hi in (("--seed", seed, 0, 2 ** 63 - 1), ("--workers", workers, 0, 1024),
                                 ("--colour-threshold", params.colour_threshold, 0, 255),
                                 ("--black-level", params.black_level, 0, 254), ("--halo", params.halo, 0, 3)):

@@ -2493,6 +2493,9 @@ def test_device_without_a_gpu(fake_gpus, monkeypatch):
     assert pgnm.resolve_device(None) == torch.device("cpu")
     with pytest.raises(pgnm.UserError, match="no CUDA GPU is visible.*CUDA_VISIBLE_DEVICES=''.*--device cpu"):
         pgnm.resolve_device("cuda")
+    for spelling in ("CPU", " cpu "):                  # the trainer's flag check and evaluate.py read it alike
+        pgnm.validate_config(pgnm.make_config("heated", device=spelling))
+        assert pgnm.resolve_device(spelling) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("spec", [None, "cuda", "cuda:1"])
@@ -3572,6 +3575,7 @@ def _bad_input_cases(raw_tree, tmp):
         (run + ["--seed", "abc"], "--seed"),
         (run[:-1] + ["-2"], "--workers"),
         (run + ["--ratios", "0.5", "0.5", "0.5"], "--ratios"),
+        (run + ["--ratios", "0.5", "0.5", "0"], "--ratios"),            # a 0 would still get one image per class
         (run + ["--ratios", "nan", "0.5", "0.5"], "--ratios"),
         (["--make-demo", str(tmp / "d"), "--demo-per-class", "0"], "--demo-per-class"),
         (["--demo-report", str(tmp / "r.png"), "--demo-frames", "0"], "--demo-frames"),
