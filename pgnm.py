@@ -2411,19 +2411,20 @@ def save_mask_figure(path: str, images: torch.Tensor, masks: torch.Tensor, mean:
     write_atomic(path, buf.getvalue())
 
 
-def save_curves(log_path: str, path: str) -> bool:
+def save_curves(log_path: str, path: str) -> str | None:
     """curves.png from log.jsonl (matplotlib, optional): losses, clean and masked validation accuracy, and in the
-    heated phase alpha_d/beta_d and the fixed images' expected mask values per epoch. False when matplotlib is not
-    installed or the log has no epoch yet."""
+    heated phase alpha_d/beta_d and the fixed images' expected mask values per epoch. None when written, else why
+    not, as a line for the user."""
     try:
         from matplotlib.figure import Figure        # no pyplot: no global state, no display needed
     except ImportError:
-        return False
-    with open(log_path) as fh:
-        recs = [json.loads(ln) for ln in fh if ln.strip()]
-    recs = [r for r in recs if not r.get("final") and "epoch" in r]
+        return "curves.png skipped: matplotlib is not installed (pip install matplotlib)"
+    recs = []
+    if os.path.isfile(log_path):
+        with open(log_path) as fh:
+            recs = [r for r in map(json.loads, filter(str.strip, fh)) if not r.get("final") and "epoch" in r]
     if not recs:
-        return False
+        return f"curves.png skipped: {log_path} has no epoch to draw"
     ep = [r["epoch"] for r in recs]
     col = lambda key: [r.get(key, float("nan")) for r in recs]    # noqa: E731
     heated = "val_noisy_acc" in recs[-1]
@@ -2473,7 +2474,7 @@ def save_curves(log_path: str, path: str) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     write_atomic(path, buf.getvalue())
-    return True
+    return None
 
 
 # =====================================================================================================================
@@ -3233,9 +3234,10 @@ def run_phase(cfg: Config, info: DistInfo) -> dict:
                 log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
             final = finish(run, state, data, last, log)
             if info.is_main:
-                log_path = os.path.join(cfg.output_dir, "log.jsonl")
-                if not save_curves(log_path, os.path.join(cfg.output_dir, "curves.png")) and os.path.exists(log_path):
-                    log("curves.png skipped: matplotlib is not installed (pip install matplotlib)")
+                why_not = save_curves(os.path.join(cfg.output_dir, "log.jsonl"), os.path.join(cfg.output_dir,
+                                                                                           "curves.png"))
+                if why_not:
+                    log(why_not)
                 log_summary(cfg, final, time.perf_counter() - t0, written_since(cfg.output_dir, started), log)
             return final
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -1690,8 +1691,13 @@ def test_curves_png_with_matplotlib_or_a_line_saying_how_to_get_it(heated_run, t
         assert not os.path.exists(os.path.join(out, "curves.png"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)             # as if not installed
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    assert pgnm.save_curves(os.path.join(out, "log.jsonl"), str(tmp_path / "c.png")) is False
+    assert pgnm.save_curves(os.path.join(out, "log.jsonl"), str(tmp_path / "c.png")) == \
+        "curves.png skipped: matplotlib is not installed (pip install matplotlib)"
     assert not (tmp_path / "c.png").exists()
+    monkeypatch.undo()
+    if importlib.util.find_spec("matplotlib") is not None:      # installed, but nothing to draw: says that instead
+        (tmp_path / "log.jsonl").write_text('{"phase": "heated", "epoch": 1, "final": true}\n')
+        assert "has no epoch to draw" in pgnm.save_curves(str(tmp_path / "log.jsonl"), str(tmp_path / "c.png"))
 
 
 def _stated(help_):
