@@ -1601,7 +1601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correction-masks", metavar="DIR", help="apply the authors' per-image masks (<name>.npy) to "
                    "ultrasound instead of cleaning it")
     p.add_argument("--ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
-                   help="fractions of every class for train, val and test: non-negative, summing to 1 "
+                   help="fractions of every class for train, val and test: each positive, summing to 1 "
                    "(default: 0.8 0.1 0.1)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the split, >= 0 (default: %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N", help="worker processes, 0 = this process "
