@@ -1547,6 +1547,26 @@ def test_readme_training_loop_example_runs():
 # --- what a run tells its user: config, ETA, figures, summary, --help -------------------------------------------------
 
 
+def test_log_and_checkpoint_hold_exactly_the_readme_keys(heated_run):
+    """README, 'Outputs' and 'Checkpoints and resuming': the keys of log.jsonl's lines and of checkpoint.pth."""
+    _, out, _, _ = heated_run
+    metrics = ("acc", "balanced_acc", "precision", "recall", "f1", "auroc", "entropy", "loss", "n")
+    epoch_keys = {"phase", "epoch", "train_loss", "lr", "bad_steps", "amp_skipped_steps", "epoch_seconds",
+                  *(f"val_{m}" for m in metrics), *(f"val_noisy_{m}" for m in metrics), "alpha_d_mean", "beta_d_mean",
+                  "clamped_elements", "clamped_fraction", "mask_mean_dataset", "mask_mean_images", "mask_image_spread"}
+    *epochs, final = read_log(out)
+    assert [set(r) for r in epochs] == [epoch_keys, epoch_keys]
+    assert set(final) == {"phase", "epoch", "final", *(f"test_{m}" for m in metrics),
+                          *(f"test_noisy_{m}" for m in metrics)} and final["final"] is True
+    ck = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)      # plain types only
+    assert set(ck) == {"model", "policy_net", "base_alpha", "base_beta", "optimizer", "pol_optimizer",
+                       "main_lr_scheduler", "pol_lr_scheduler", "scaler", "epoch", "step", "args", "rng",
+                       "steps_per_epoch", "world_size", "counters", "meter", "pgnm_version"}
+    assert ck["epoch"] == 1 and ck["step"] == ck["steps_per_epoch"]        # the last epoch (from 0), complete
+    assert isinstance(ck["args"], dict) and len(ck["rng"]) == ck["world_size"] == 1
+    assert ck["pgnm_version"] == pgnm.file_hash()
+
+
 def test_config_json_is_the_runs_config_and_the_start_line_lists_exactly_what_differs(heated_run):
     cfg, out, printed, _ = heated_run
     with open(os.path.join(out, "config.json")) as fh:
