@@ -1898,6 +1898,21 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_exits_3_and_resum
     _assert_same_state(_final_state(out), straight_run)
 
 
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    """README, 'Exit codes': Ctrl-C (SIGINT to the training process) ends the run with exit code 130 and one line."""
+    import signal
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pgnm.py"), *TINY_CLI, "--workers", "0",
+                             "--output-dir", str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if "epoch 1/2 step 2/12" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == ["interrupted; resume with --resume auto"], err[-3000:]
+
+
 def test_sigterm_under_torchrun_checkpoints_on_every_rank(tmp_path):
     """torchrun forwards the signal (and the group's SIGTERM reaches its workers directly): both ranks stop after the
     same step, rank 0 writes a checkpoint. torchrun itself exits 1 (it raises on its own SIGTERM), which is why the
