@@ -1898,6 +1898,24 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_exits_3_and_resum
     _assert_same_state(_final_state(out), straight_run)
 
 
+def test_sigusr1_checkpoints_and_exits_3_as_sigterm_does(tmp_path):
+    """README, 'Signals': SIGUSR1 (SLURM's --signal warning) is handled as SIGTERM is: the current step ends, a
+    mid-epoch checkpoint is written, exit code 3."""
+    import signal
+    out = str(tmp_path / "o")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pgnm.py"), *TINY_CLI, "--workers", "0",
+                             "--output-dir", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "epoch 1/2 step 2/12" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert err.strip().splitlines() == ["stopped: stop requested by signal"], err[-3000:]
+    ck = pgnm.verify_and_load(os.path.join(out, "checkpoint.pth"))
+    assert ck["epoch"] == 0 and 2 <= ck["step"] < 12
+
+
 def test_ctrl_c_exits_130_with_one_line(tmp_path):
     """README, 'Exit codes': Ctrl-C (SIGINT to the training process) ends the run with exit code 130 and one line."""
     import signal
