@@ -45,6 +45,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -223,10 +224,18 @@ def config_differences(cfg: Config) -> dict:
     return out
 
 
+def differences_text(cfg: Config) -> str:
+    """config_differences as `name=value ...`, each value quoted as a shell would need (a path with spaces)."""
+    diff = " ".join(f"{k}={shlex.quote(format_value(v))}" for k, v in config_differences(cfg).items())
+    return diff or "nothing"
+
+
 def format_value(value) -> str:
     """A config value as --help and the start-up line print it."""
     if value is None:
         return "none"
+    if value == "default":          # --compile-mode's own word for torch's default mode
+        return "'default'"
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value)
@@ -2415,16 +2424,21 @@ def save_curves(log_path: str, path: str) -> str | None:
     """curves.png from log.jsonl (matplotlib, optional): losses, clean and masked validation accuracy, and in the
     heated phase alpha_d/beta_d and the fixed images' expected mask values per epoch. None when written, else why
     not, as a line for the user."""
+    def skipped(why: str) -> str:      # an older curves.png (a run resumed without matplotlib) would mislead: remove it
+        stale = os.path.lexists(path)
+        if stale:
+            os.remove(path)
+        return f"curves.png skipped{' (the older one removed)' if stale else ''}: {why}"
     try:
         from matplotlib.figure import Figure        # no pyplot: no global state, no display needed
     except ImportError:
-        return "curves.png skipped: matplotlib is not installed (pip install matplotlib)"
+        return skipped("matplotlib is not installed (pip install matplotlib)")
     recs = []
     if os.path.isfile(log_path):
         with open(log_path) as fh:
             recs = [r for r in map(json.loads, filter(str.strip, fh)) if not r.get("final") and "epoch" in r]
     if not recs:
-        return f"curves.png skipped: {log_path} has no epoch to draw"
+        return skipped(f"{log_path} has no epoch to draw")
     ep = [r["epoch"] for r in recs]
     col = lambda key: [r.get(key, float("nan")) for r in recs]    # noqa: E731
     heated = "val_noisy_acc" in recs[-1]
@@ -2918,8 +2932,7 @@ def log_header(cfg: Config, info: DistInfo, data: Data, log, malloc_tuned: bool 
     log(f"data: {cfg.data_path or 'built-in synthetic scans'} | {len(data.classes)} classes | "
         + " ".join(f"{s} {n}" for s, n in data.sizes.items())
         + f" | {data.steps_per_epoch} steps/epoch, effective batch {cfg.batch_size * info.world}")
-    diff = " ".join(f"{k}={format_value(v)}" for k, v in config_differences(cfg).items())
-    log(f"config (preset: {preset_name(cfg)}; differs from the paper's defaults: {diff or 'nothing'}) | "
+    log(f"config (preset: {preset_name(cfg)}; differs from the paper's defaults: {differences_text(cfg)}) | "
         f"full config: {os.path.join(cfg.output_dir, CONFIG_JSON)}")
     log(f"writing to {cfg.output_dir}{os.sep}: {CHECKPOINT} every epoch, log.jsonl"
         + (", masks_epochNNN.png" if cfg.save_masks and cfg.phase == "heated" else "")
@@ -3584,13 +3597,24 @@ def cli(argv: Sequence[str] | None = None) -> int:
     do_bench, bench_path = args.pop("bench", False), args.pop("bench_data", None)
     rounds = args.pop("bench_rounds", None)
     e2e_path, e2e_steps = args.pop("bench_e2e", None), args.pop("bench_steps", None)
-    phase = args.pop("phase", "heated")
+    phase = args.pop("phase", None)
     average, average_output = args.pop("average", None), args.pop("average_output", None)
     for flag, value, needs, main_flag in (("--average-output", average_output, average, "--average"),
                                           ("--bench-rounds", rounds, do_bench, "--bench"),
                                           ("--bench-steps", e2e_steps, e2e_path, "--bench-e2e")):
         if value is not None and not needs:     # alone, it would be ignored and a training run would start
             _one_line_usage_error(f"{flag} only goes with {main_flag}: without it a training run would start")
+    modes = [m for m, on in (("--average", average), ("--bench", do_bench), ("--bench-data", bench_path is not None),
+                             ("--bench-e2e", e2e_path is not None)) if on]
+    if len(modes) > 1:                          # one would run and the others be ignored
+        _one_line_usage_error(f"{' and '.join(modes)}: give one of them per command")
+    ignored = [f"--{k.replace('_', '-')}" for k in args] if average else \
+        ["--phase"] if phase not in (None, "heated") and (do_bench or e2e_path is not None) else []
+    if ignored:                                 # flags the mode would not read: say so rather than ignore them
+        _one_line_usage_error(f"{modes[0]} does not use {', '.join(ignored)}: "
+                              + ("it averages the files as they are" if average else "it times the heated step")
+                              + "; drop the flag")
+    phase = phase or "heated"
     rounds, e2e_steps = 20 if rounds is None else rounds, 150 if e2e_steps is None else e2e_steps
     for flag, value in (("--bench-rounds", rounds), ("--bench-steps", e2e_steps)):
         if value < 1:

@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -848,6 +849,11 @@ BAD_FLAGS = [
     (["--bench-rounds", "3"], "--bench-rounds only goes with --bench"),
     (["--bench", "--bench-rounds", "0"], "--bench-rounds 0"),                         # IndexError traceback
     (["--bench-e2e", "x", "--bench-steps", "0"], "--bench-steps 0"),
+    (["--average", "a.pth", "--epochs", "3"], "--average does not use --epochs"),    # the flags were ignored
+    (["--bench", "--phase", "finetune"], "--bench does not use --phase"),            # it timed the heated step
+    (["--bench-e2e", "x", "--phase", "baseline"], "--bench-e2e does not use --phase"),
+    (["--bench", "--bench-e2e", "x"], "--bench and --bench-e2e: give one of them"),  # one ran, one was ignored
+    (["--average", "a.pth", "--bench"], "--average and --bench: give one of them"),
 ]
 
 
@@ -1575,12 +1581,15 @@ def test_config_json_is_the_runs_config_and_the_start_line_lists_exactly_what_di
     assert saved == dataclasses.asdict(cfg) and pgnm.Config(**saved) == cfg
     line = next(ln for ln in printed.splitlines() if ln.startswith("config (preset: "))
     assert "synthetic CPU demo" in line and line.endswith(f"full config: {os.path.join(out, 'config.json')}")
-    listed = dict(kv.split("=", 1) for kv in line.split("differs from the paper's defaults: ")[1].split(")")[0].split())
+    listed = dict(kv.split("=", 1) for kv in shlex.split(line.split("differs from the paper's defaults: ")[1]
+                                                         .split(") | full config: ")[0]))
     paper = pgnm.Config()
     differ = {f.name for f in dataclasses.fields(pgnm.Config)
               if f.name != "phase" and getattr(cfg, f.name) != getattr(paper, f.name)}
     assert set(listed) == differ and {"epochs", "lr", "model", "workers"} <= differ
     assert all(listed[k] == pgnm.format_value(getattr(cfg, k)) for k in listed)
+    spaced = dataclasses.replace(cfg, output_dir="my runs/a (b)", data_path="/data/x y")   # each value one shell word
+    assert dict(kv.split("=", 1) for kv in shlex.split(pgnm.differences_text(spaced)))["output_dir"] == "my runs/a (b)"
 
 
 def test_progress_and_epoch_lines_show_the_runs_eta(heated_run):
@@ -1718,6 +1727,13 @@ def test_curves_png_with_matplotlib_or_a_line_saying_how_to_get_it(heated_run, t
     if importlib.util.find_spec("matplotlib") is not None:      # installed, but nothing to draw: says that instead
         (tmp_path / "log.jsonl").write_text('{"phase": "heated", "epoch": 1, "final": true}\n')
         assert "has no epoch to draw" in pgnm.save_curves(str(tmp_path / "log.jsonl"), str(tmp_path / "c.png"))
+    # A run resumed without matplotlib must not leave the older run's curves.png looking current: it is removed.
+    (tmp_path / "c.png").write_bytes(b"an older figure")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert pgnm.save_curves(os.path.join(out, "log.jsonl"), str(tmp_path / "c.png")) == \
+        "curves.png skipped (the older one removed): matplotlib is not installed (pip install matplotlib)"
+    assert not (tmp_path / "c.png").exists()
 
 
 def _stated(help_):
@@ -1731,6 +1747,7 @@ def _stated(help_):
 def test_help_states_the_default_of_every_preset():
     helps = {a.dest: a.help for a in pgnm.build_parser()._actions}
     assert helps["phase"].endswith("(default heated)")
+    assert helps["compile_mode"].endswith("(default 'default')")     # torch's mode named "default", not "default default"
     for f in dataclasses.fields(pgnm.Config):
         if f.name in ("phase", "data_path"):
             continue
