@@ -908,6 +908,11 @@ def bench_logreg(spec: str, checkpoint: str, image_size: int | None, output_dir:
 # =====================================================================================================================
 
 
+# The probes' settings, which --bench-logreg does not read.
+BENCH_IGNORES = {"labels", "trials", "lowshot_trials", "shots", "lowshot_solver", "model", "batch_size", "workers",
+                 "seed"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):      # argparse's usage + message would be two lines; every bad input here is one
         self.exit(2, f"error: {' '.join(message.split())} (see python evaluate.py --help)\n")
@@ -957,10 +962,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     log = lambda *x: print(*x, flush=True)  # noqa: E731
+    parser = build_parser()
     try:
-        a = build_parser().parse_args(argv)
+        a = parser.parse_args(argv)
     except SystemExit as e:                 # --help (0) or a malformed flag (2, one line already printed)
         return e.code if isinstance(e.code, int) else 2
+    given = {k for k, v in vars(a).items() if v != parser.get_default(k)}
+    unread = (given & BENCH_IGNORES if a.bench_logreg else set()) | \
+        ({"runs_dir"} if a.checkpoints and "runs_dir" in given else set())
+    if unread:                              # a flag that would be silently ignored: say so instead
+        flags = ", ".join(sorted(f"--{k.replace('_', '-')}" for k in unread))
+        print(f"error: {flags} not read " + ("with --bench-logreg (it times one fit on the first --data set "
+                                             "and the first checkpoint)" if a.bench_logreg else
+                                             "with --checkpoints (--runs-dir only finds the default checkpoints)")
+              + f"; drop {'them' if len(unread) > 1 else 'it'} (see python evaluate.py --help)", file=sys.stderr)
+        return 2
     try:
         validate_settings(a.trials, a.lowshot_trials, a.shots, a.image_size, a.batch_size, a.workers, a.seed,
                           a.lowshot_solver)

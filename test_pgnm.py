@@ -3226,6 +3226,8 @@ BAD_EVALUATE_INPUTS = [   # (extra arguments, strings the one error line must co
     (["--data", "{tmp}/hollow"], ["hollow", "'c'", "train/ does not have"]),
     (["--data", "{tmp}/novals"], ["novals", "train/ and val/"]),
     (["--data", "{good}", "{tmp}/dup/good.npz"], ["--data", "share a name"]),
+    (["--runs-dir", "{tmp}"], ["--runs-dir not read with --checkpoints"]),             # it was silently ignored
+    (["--bench-logreg"], ["--lowshot-trials, --shots, --trials not read with --bench-logreg", "drop them"]),
 ]
 
 
