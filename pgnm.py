@@ -3581,6 +3581,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Training flags --bench never reads (it times steps on random in-memory batches).
+BENCH_UNREAD = ("data_path", "output_dir", "resume", "finetune", "epochs", "workers", "save_every_steps",
+                "average_last", "save_masks")
+
+
 def _one_line_usage_error(message: str):
     """argparse's error(), in one line (its default prints the whole usage first) and with exit code 2."""
     print(f"error: {message} (see python pgnm.py --help)", file=sys.stderr, flush=True)
@@ -3604,21 +3609,23 @@ def cli(argv: Sequence[str] | None = None) -> int:
                                           ("--bench-steps", e2e_steps, e2e_path, "--bench-e2e")):
         if value is not None and not needs:     # alone, it would be ignored and a training run would start
             _one_line_usage_error(f"{flag} only goes with {main_flag}: without it a training run would start")
-    modes = [m for m, on in (("--average", average), ("--bench", do_bench), ("--bench-data", bench_path is not None),
-                             ("--bench-e2e", e2e_path is not None)) if on]
-    if len(modes) > 1:                          # one would run and the others be ignored
-        _one_line_usage_error(f"{' and '.join(modes)}: give one of them per command")
-    ignored = [f"--{k.replace('_', '-')}" for k in args] if average else \
-        ["--phase"] if phase not in (None, "heated") and (do_bench or e2e_path is not None) else []
-    if ignored:                                 # flags the mode would not read: say so rather than ignore them
-        _one_line_usage_error(f"{modes[0]} does not use {', '.join(ignored)}: "
-                              + ("it averages the files as they are" if average else "it times the heated step")
-                              + "; drop the flag")
-    phase = phase or "heated"
     rounds, e2e_steps = 20 if rounds is None else rounds, 150 if e2e_steps is None else e2e_steps
     for flag, value in (("--bench-rounds", rounds), ("--bench-steps", e2e_steps)):
         if value < 1:
             _one_line_usage_error(f"{flag} {value}: must be >= 1")
+    modes = [m for m, on in (("--average", average), ("--bench", do_bench), ("--bench-data", bench_path is not None),
+                             ("--bench-e2e", e2e_path is not None)) if on]
+    if len(modes) > 1:                          # one would run and the others be ignored
+        _one_line_usage_error(f"{' and '.join(modes)}: give one of them per command")
+    ignored = list(args) if average else \
+        ["phase"] * (phase not in (None, "heated") and (do_bench or e2e_path is not None)) \
+        + [k for k in BENCH_UNREAD if k in args and do_bench]
+    if ignored:                                 # flags the mode would not read: say so rather than ignore them
+        _one_line_usage_error(f"{modes[0]} does not use {', '.join('--' + k.replace('_', '-') for k in ignored)}: "
+                              + ("it averages the files as they are" if average else "it times the heated step on "
+                                 "random batches in memory (--bench-e2e PATH times it on your data)")
+                              + "; drop the flag")
+    phase = phase or "heated"
     try:
         if average:
             average_checkpoints(average, average_output or os.path.join(os.path.dirname(os.path.abspath(average[0])),

@@ -851,6 +851,7 @@ BAD_FLAGS = [
     (["--bench-e2e", "x", "--bench-steps", "0"], "--bench-steps 0"),
     (["--average", "a.pth", "--epochs", "3"], "--average does not use --epochs"),    # the flags were ignored
     (["--bench", "--phase", "finetune"], "--bench does not use --phase"),            # it timed the heated step
+    (["--bench", "--data-path", "x"], "--bench does not use --data-path"),           # it timed random batches
     (["--bench-e2e", "x", "--phase", "baseline"], "--bench-e2e does not use --phase"),
     (["--bench", "--bench-e2e", "x"], "--bench and --bench-e2e: give one of them"),  # one ran, one was ignored
     (["--average", "a.pth", "--bench"], "--average and --bench: give one of them"),
