@@ -2514,6 +2514,16 @@ def build_schedulers(cfg: Config, optimizer, pol_optimizer):
     return main_s, pol_s
 
 
+def step_schedulers(run) -> None:
+    """One epoch's lr step of both networks. torch 2.5's SequentialLR steps its next scheduler with an epoch argument
+    and warns about that deprecated form: torch's own call, not ours, so that one warning is hushed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The epoch parameter in `scheduler", category=UserWarning)
+        for s in (run.scheduler, run.pol_scheduler):
+            if s is not None:
+                s.step()
+
+
 def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per_epoch: int, meter: dict) -> dict:
     """The checkpoint.pth payload: the authors' key names, plain types only (torch.load(weights_only=True) works).
     epoch/step: the epoch being trained and how many of its steps are done (step == steps_per_epoch: complete)."""
@@ -2631,9 +2641,7 @@ def apply_new_schedule(run: Run, saved_args: dict, epochs_done: int, source: str
     with warnings.catch_warnings():          # "scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore")
         for _ in range(epochs_done):
-            for s in (run.scheduler, run.pol_scheduler):
-                if s is not None:
-                    s.step()
+            step_schedulers(run)
     now = f"classifier lr {run.optimizer.param_groups[0]['lr']:.6g}"
     if run.pol_optimizer is not None:
         now += f", policy lr {run.pol_optimizer.param_groups[0]['lr']:.6g}"
@@ -3040,9 +3048,7 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
                                f"(the last good checkpoint is kept)")
             for net in run.networks():
                 average_buffers(net)
-            run.scheduler.step()
-            if run.pol_scheduler is not None:
-                run.pol_scheduler.step()
+            step_schedulers(run)
             bad_images = data.train.bad_count.value - bad0 if data.train.bad_count is not None else None
             rec = epoch_record(run, state, data, epoch, stats, meter, bad_images)
             follow = fixed is not None and (run.policy is not None or cfg.save_masks)

@@ -25,6 +25,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -256,7 +258,6 @@ def _sk_metrics(probs, target):
 
 @pytest.mark.parametrize("case", ["random", "ties", "never_predicted", "absent_class", "binary", "perfect"])
 def test_metrics_equal_sklearn(case):
-    import warnings
     rng = np.random.default_rng(3)
     c, n = (2, 60) if case == "binary" else (5, 80)
     logits = rng.normal(size=(n, c))
@@ -1155,6 +1156,29 @@ def test_optimisers_and_lr_of_every_epoch_against_a_hand_computation(phase, kw):
         for _, sched, _ in opts:
             sched.step()
     assert len(set(seen[id(run.optimizer)])) > 1                                  # the lr does move
+
+
+def test_step_schedulers_hushes_only_torchs_own_epoch_warning():
+    """torch 2.5's SequentialLR passes an epoch to its next scheduler and warns at the warm-up's end; that warning is
+    torch's, not the user's, so it is hushed (torch 2.14 no longer warns: the deprecated call is simulated here)."""
+    class Warns:
+        def __init__(self, text):
+            self.text, self.steps = text, 0
+
+        def step(self):
+            self.steps += 1
+            warnings.warn(self.text, UserWarning)
+    torchs = "The epoch parameter in `scheduler.step()` was not necessary and is being deprecated where possible."
+    run = types.SimpleNamespace(scheduler=Warns(torchs), pol_scheduler=None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pgnm.step_schedulers(run)
+    assert run.scheduler.steps == 1 and not seen
+    run = types.SimpleNamespace(scheduler=Warns(torchs), pol_scheduler=Warns("some other warning"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pgnm.step_schedulers(run)
+    assert run.pol_scheduler.steps == 1 and [str(w.message) for w in seen] == ["some other warning"]
 
 
 def _fake_step_recording_lr(seen):
@@ -2891,7 +2915,6 @@ def test_t_distribution_against_scipy():
 
 @pytest.mark.parametrize("case", ["random", "label_never_positive", "always_predicted"])
 def test_multilabel_metrics_equal_sklearn(case):
-    import warnings
     from sklearn import metrics as skm
     rng = np.random.default_rng(1)
     y = (rng.random((100, 6)) < 0.3).astype(int)
