@@ -992,10 +992,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         evaluate(ckpts, a.labels, a.data, a.output_dir, a.trials, a.shots, a.lowshot_trials, a.device, a.model,
                  a.image_size, a.workers, a.seed, a.lowshot_solver, a.batch_size, log=log)
         return 0
-    except UserError as e:
-        # A UserError raised in a data-loader worker arrives wrapped with the worker's traceback: keep its last line.
-        line = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"error: {line}", file=sys.stderr, flush=True)
+    except (UserError, OSError) as e:
+        print(f"error: {pgnm.failure_line(e)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the feature cache keeps what was extracted; run the same command again", file=sys.stderr)

@@ -182,6 +182,16 @@ class UserError(Exception):
     """Bad input or configuration: the CLI prints the message as one line, with no traceback."""
 
 
+def failure_line(e: BaseException) -> str:
+    """What the three tools print after 'error: ' for a UserError, an OSError (the environment, not the code: a
+    read-only folder, a vanished file) or a requested stop: one line. A UserError raised in a data-loader worker
+    arrives wrapped with the worker's traceback: its last line is the message."""
+    if isinstance(e, OSError) and not isinstance(e, UserError):
+        return f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+    text = str(e).strip()
+    return text.splitlines()[-1].split("UserError: ", 1)[-1] if text else type(e).__name__
+
+
 def make_config(phase: str = "heated", **overrides) -> Config:
     """Config = paper defaults < phase preset < synthetic preset (no data path) < explicit overrides."""
     if phase not in PHASES:
@@ -3651,15 +3661,11 @@ def cli(argv: Sequence[str] | None = None) -> int:
             return 0
         main(make_config(phase, **args))
         return 0
-    except (UserError, TrainingStopped) as e:
-        # A UserError raised in a data-loader worker arrives wrapped with the worker's traceback: keep its last line.
-        line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        line = line.split("UserError: ", 1)[-1]
-        print(f"error: {line}" if isinstance(e, UserError) else f"stopped: {line}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, UserError) else 4 if isinstance(e, Diverged) else 3
-    except OSError as e:           # the environment, not the code: a read-only folder, a vanished file, ...
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr, flush=True)
+    except TrainingStopped as e:
+        print(f"stopped: {failure_line(e)}", file=sys.stderr, flush=True)
+        return 4 if isinstance(e, Diverged) else 3
+    except (UserError, OSError) as e:
+        print(f"error: {failure_line(e)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume auto", file=sys.stderr)

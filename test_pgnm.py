@@ -3277,6 +3277,31 @@ def test_evaluate_bad_inputs(bad_case_files, tmp_path, capsys, args, needles):
     assert not [p for p in os.listdir(f["tmp"] + "/blocked") if p.endswith(".tmp")]         # no temp file left
 
 
+def test_failure_line_is_one_line_for_every_kind_of_failure():
+    worker = pgnm.UserError("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                            "last):\n  File ...\npgnm.UserError: cannot read image a.png (OSError: truncated)")
+    assert pgnm.failure_line(worker) == "cannot read image a.png (OSError: truncated)"
+    assert pgnm.failure_line(pgnm.UserError("")) == "UserError"
+    assert pgnm.failure_line(OSError(28, "No space left on device", "/out/x.pth")) == \
+        "No space left on device: /out/x.pth"
+    assert pgnm.failure_line(pgnm.Diverged("loss is NaN")) == "loss is NaN"
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "pgnm"])
+def test_an_environment_failure_is_one_line_and_exit_code_2(tool, tmp_path, capsys, monkeypatch):
+    """An OSError the checks could not foresee (a disk failing mid-run) is the environment: one line, exit 2."""
+    def fail(*a, **k):
+        raise OSError(5, "Input/output error", str(tmp_path / "x"))
+    if tool == "evaluate":
+        monkeypatch.setattr(ev, "evaluate", fail)
+        code = ev.cli(["--checkpoints", __file__, "--output-dir", str(tmp_path / "o")])
+    else:
+        monkeypatch.setattr(pgnm, "main", fail)
+        code = pgnm.cli(["--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: Input/output error: {tmp_path / 'x'}"
+
+
 def test_evaluate_bad_input_in_a_real_process(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--lowshot-trials", "0",
                            "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=300,
