@@ -18,8 +18,8 @@ epoch (validation accuracy; label-wise for multi-label):
     # synthetic "unseen concepts" (classes disjoint from pgnm.py's synthetic set)
     python evaluate.py
 
-Features are cached in <output-dir>/cache, keyed by the hashes of the checkpoint, the data and the preprocessing, so
-a second run extracts nothing. Outputs: a Markdown table like Table 3 on stdout, results.json, results.csv, and
+Features are cached in <output-dir>/cache, keyed by the hashes of the checkpoint, the data, the preprocessing and
+the seed where it splits the data, so a second run extracts nothing; a damaged entry is extracted again. Outputs: a Markdown table like Table 3 on stdout, results.json, results.csv, and
 lowshot.png (like Figure 5) when matplotlib is installed; every path read or written is printed. Runtime dependencies
 are pgnm.py's: torch, torchvision, numpy, pillow.
 """
@@ -492,6 +492,7 @@ def _imagefolder(spec: str, seed: int, tf) -> ProbeData:
         for p, t in ds.samples:
             st = os.stat(p)
             h.update(f"{os.path.relpath(p, spec)}|{st.st_size}|{int(st.st_mtime)}|{t}\n".encode())
+    h.update(f"seed {seed}".encode())          # a tree without test/ is split here, by the seed
     return ProbeData(data_name(spec), h.hexdigest()[:16], images, labels)
 
 
@@ -509,7 +510,8 @@ def load_probe_data(spec: str, image_size: int, seed: int = 0, synthetic_per_cla
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise UserError(f"--data {spec} cannot be read ({type(e).__name__}): pass a MedMNIST .npz") from None
         images = {s: _array_split(a, f"{data_name(spec)}:{s}", tf) for s, (a, _) in splits.items()}
-        d = ProbeData(data_name(spec), sha256_file(spec)[:16], images, {s: lab for s, (_, lab) in splits.items()})
+        key = hashlib.sha256(f"{sha256_file(spec)} seed {seed}".encode()).hexdigest()[:16]  # a merged .npz: seeded split
+        d = ProbeData(data_name(spec), key, images, {s: lab for s, (_, lab) in splits.items()})
     else:
         d = _imagefolder(spec, seed, tf)
     d.labels = check_labels(spec, d.labels)     # also catches a merged .npz split into an empty val/test
@@ -548,8 +550,8 @@ def cached_features(bb: Backbone, data: ProbeData, image_size: int, cache_dir: s
     path = os.path.join(cache_dir, f"{key}.pt")
     feats = None
     if os.path.exists(path):
-        try:
-            feats = torch.load(path, weights_only=True, map_location="cpu")
+        try:                                    # zip CRCs checked: torch.load alone reads flipped bits as features
+            feats = pgnm.verify_and_load(path)
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             feats = None
         if _usable(feats, data):

@@ -3128,6 +3128,33 @@ def test_feature_cache_second_run_extracts_nothing(tmp_path, monkeypatch):
     torch.save({"model": pgnm.build_model("resnet10t", 7).state_dict()}, ck)  # other weights: a new cache entry
     ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **kw)
     assert len(calls) == 6
+    # A damaged entry (4 KiB zeroed inside a tensor record; torch.load alone reads it as features) is extracted again.
+    entry = max((tmp_path / "o" / "cache").glob("*.pt"), key=os.path.getmtime)
+    raw = bytearray(entry.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 4096] = bytes(4096)
+    entry.write_bytes(bytes(raw))
+    ev.evaluate([ck], None, [spec], str(tmp_path / "o"), **kw)
+    assert len(calls) == 9 and any(f"cache entry {entry} is unreadable" in line for line in lines)
+
+
+def test_feature_cache_key_holds_the_seed_that_splits_the_data(tmp_path):
+    """A merged .npz and an ImageFolder tree without test/ are split here by --seed: cached features of one seed's
+    split must never be paired with another seed's labels."""
+    merged = str(tmp_path / "m.npz")
+    _write_npz(merged, merged=True, n=60)
+    tree = tmp_path / "tree"
+    for split, n in (("train", 10), ("val", 3)):
+        for c in "ab":
+            (tree / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(tree / split / c / f"{i}.png")
+    for spec in (merged, str(tree)):
+        d0, d1 = ev.load_probe_data(spec, 32, seed=0), ev.load_probe_data(spec, 32, seed=1)
+        assert d0.key != d1.key and ev.load_probe_data(spec, 32, seed=0).key == d0.key, spec
+    # the seed's split differs (same labels, other images: the test compares which images went where)
+    m0, m1 = ev.load_probe_data(merged, 32, seed=0), ev.load_probe_data(merged, 32, seed=1)
+    first = lambda d: d.images["val"][0][0]     # noqa: E731
+    assert not torch.equal(first(m0), first(m1))
 
 
 # --- bad input: exit code 2, one stderr line naming the flag or file, never a traceback -----------------------------
