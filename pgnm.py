@@ -327,13 +327,14 @@ def validate_config(cfg: Config) -> None:
     for name in ("train_crop_size", "val_resize_size", "val_crop_size"):   # before --grid, which is compared to them
         number(name, 1, what="at least 1 px")
     number("grid", 1)
-    need(cfg.grid <= min(cfg.train_crop_size, cfg.val_crop_size),
+    heated = cfg.phase == "heated"                     # only the heated phase draws masks at the crop's size
+    need(not heated or cfg.grid <= min(cfg.train_crop_size, cfg.val_crop_size),
          f"--grid {cfg.grid} is larger than the crop ({min(cfg.train_crop_size, cfg.val_crop_size)} px): "
          f"use a grid at most --train-crop-size/--val-crop-size")
     need(cfg.kernel == 0 or (cfg.kernel > 0 and cfg.kernel % 2 == 1),
          f"--kernel {cfg.kernel}: the blur kernel must be 0 (no blur) or a positive odd number"
          + (f" (e.g. {cfg.kernel + 1})" if cfg.kernel > 0 else ""))
-    need(cfg.kernel // 2 < min(cfg.train_crop_size, cfg.val_crop_size),
+    need(not heated or cfg.kernel // 2 < min(cfg.train_crop_size, cfg.val_crop_size),
          f"--kernel {cfg.kernel} is too large for the crop: reflect padding needs kernel//2 < crop size")
     number("sigma", 0, lo_open=True)
     number("tau_image", 0, 1)
@@ -856,6 +857,7 @@ class ImageFolderDataset(AugmentedDataset):
 
     def __init__(self, root: str, transform=None, seed: int = 0, skip_bad: bool = False, classes=None):
         super().__init__(transform, seed, skip_bad)
+        self.root = root
         if not os.path.isdir(root):
             raise UserError(f"data folder {root} does not exist: --data-path needs train/ and val/ class folders")
         found = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
@@ -1262,6 +1264,33 @@ def _check_splits(out: dict, path: str) -> dict:
         raise UserError(f"{path}: the train split has images of one class only ({out['classes'][present[0]]!r}): "
                         f"a classifier needs at least two")
     return out
+
+
+def data_fingerprint(train: AugmentedDataset, classes: Sequence[str]) -> dict:
+    """What a checkpoint remembers of its training data, so a resume on other data is refused rather than trained
+    with permuted labels or another split: the class names, the number of training images and a hash of the labels
+    with the images' relative paths (a folder) or a sample of their pixels (arrays: a merged .npz split by --seed)."""
+    h = hashlib.sha256("\n".join(classes).encode())
+    h.update(np.asarray(train.targets, dtype=np.int64).tobytes())
+    if isinstance(train, ImageFolderDataset):
+        h.update("\n".join(os.path.relpath(p, train.root) for p, _ in train.samples).encode())
+    elif isinstance(train, ArrayDataset):
+        h.update(np.ascontiguousarray(train.images[::max(1, len(train.images) // 1000)]).tobytes())
+    return {"classes": list(classes), "train_images": len(train), "sha256": h.hexdigest()[:16]}
+
+
+def check_same_data(saved: dict | None, now: dict, source: str) -> None:
+    """A UserError naming what changed when `now` (data_fingerprint of this run) is not the checkpoint's data."""
+    if not saved or not now or saved == now:
+        return
+    hint = "resume on the data the run started with, or start afresh in another --output-dir"
+    if saved["classes"] != now["classes"]:
+        diff = next((f"class {i} was {a!r}, now {b!r}" for i, (a, b) in enumerate(zip(saved["classes"], now["classes"]))
+                     if a != b), f"{len(saved['classes'])} classes then, {len(now['classes'])} now")
+        raise UserError(f"{source} was trained on other classes ({diff}): the labels would be permuted; {hint}")
+    raise UserError(f"{source} was trained on other training data ({saved['train_images']} images then, "
+                    f"{now['train_images']} now{', other images or split' if saved['train_images'] == now['train_images'] else ''}"
+                    f"): {hint}")
 
 
 def build_mixup(cfg: Config, num_classes: int):
@@ -1846,6 +1875,7 @@ class Run:
     pol_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     scaler: torch.amp.GradScaler | None = None
     mixup: Callable | None = None
+    data_id: dict | None = None      # data_fingerprint of the training data, saved with every checkpoint
 
     @property
     def model_raw(self) -> nn.Module:
@@ -2561,6 +2591,7 @@ def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per
         "meter": {"loss_sum": float(meter["loss_sum"]), "n_ok": int(meter["n_ok"])},
         "counters": counters,
         "args": dataclasses.asdict(run.cfg),
+        "data": run.data_id,
         "rng": rngs,
         "pgnm_version": file_hash(),
     }
@@ -2892,6 +2923,7 @@ def build_run(cfg: Config, info: DistInfo, num_classes: int, resuming: bool, log
 
 def restore_run(run: Run, state: StepState, ckpt: dict, ckpt_path: str, steps_per_epoch: int, log) -> Progress:
     """Restore every state from a checkpoint and say where training continues."""
+    check_same_data(ckpt.get("data"), run.data_id, ckpt_path)
     restore_checkpoint(run, state, ckpt, ckpt_path)
     start = Progress(int(ckpt["epoch"]), int(ckpt["step"]))
     if start.step >= int(ckpt.get("steps_per_epoch", steps_per_epoch)):
@@ -3249,6 +3281,7 @@ def run_phase(cfg: Config, info: DistInfo) -> dict:
             if ckpt is None and info.is_main:     # from scratch: lines of epochs no checkpoint kept are stale
                 _trim_log(os.path.join(cfg.output_dir, "log.jsonl"), 0)
             run, state = build_run(cfg, info, data.num_classes, ckpt is not None, log)
+            run.data_id = data_fingerprint(data.train, data.classes)
             start = (restore_run(run, state, ckpt, ckpt_path, data.steps_per_epoch, log) if ckpt is not None
                      else Progress())
             wrap_for_training(run)

@@ -1580,7 +1580,7 @@ def test_readme_training_loop_example_runs():
 
 def test_log_and_checkpoint_hold_exactly_the_readme_keys(heated_run):
     """README, 'Outputs' and 'Checkpoints and resuming': the keys of log.jsonl's lines and of checkpoint.pth."""
-    _, out, _, _ = heated_run
+    cfg, out, _, _ = heated_run
     metrics = ("acc", "balanced_acc", "precision", "recall", "f1", "auroc", "entropy", "loss", "n")
     epoch_keys = {"phase", "epoch", "train_loss", "lr", "bad_steps", "amp_skipped_steps", "epoch_seconds",
                   *(f"val_{m}" for m in metrics), *(f"val_noisy_{m}" for m in metrics), "alpha_d_mean", "beta_d_mean",
@@ -1592,7 +1592,9 @@ def test_log_and_checkpoint_hold_exactly_the_readme_keys(heated_run):
     ck = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)      # plain types only
     assert set(ck) == {"model", "policy_net", "base_alpha", "base_beta", "optimizer", "pol_optimizer",
                        "main_lr_scheduler", "pol_lr_scheduler", "scaler", "epoch", "step", "args", "rng",
-                       "steps_per_epoch", "world_size", "counters", "meter", "pgnm_version"}
+                       "steps_per_epoch", "world_size", "counters", "meter", "pgnm_version", "data"}
+    assert ck["data"]["classes"] == pgnm.synthetic_classes() and ck["data"]["train_images"] == \
+        cfg.synthetic_per_class * len(pgnm.synthetic_classes())
     assert ck["epoch"] == 1 and ck["step"] == ck["steps_per_epoch"]        # the last epoch (from 0), complete
     assert isinstance(ck["args"], dict) and len(ck["rng"]) == ck["world_size"] == 1
     assert ck["pgnm_version"] == pgnm.file_hash()
@@ -2354,6 +2356,47 @@ def test_a_run_whose_every_step_is_skipped_does_not_exit_0(tmp_path, monkeypatch
     assert code == 4 and "every step of epoch 1 was skipped" in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
     assert not os.path.exists(os.path.join(out, "model_heated.pth"))
+
+
+def _small_tree(root, classes=("a", "b"), n=6):
+    for split, k in (("train", n), ("val", 2)):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(k):
+                Image.fromarray(np.full((16, 16), 30 * i + (60 if c == classes[0] else 0), np.uint8)).save(
+                    root / split / c / f"{i}.png")
+
+
+@pytest.mark.parametrize("change", ["class_renamed", "image_added", "npz_other_seed"])
+def test_resume_on_other_training_data_is_refused(tmp_path, change):
+    """A class renamed (the sorted order, hence every label, shifts), an image added, or a merged .npz split by
+    another --seed between a stop and its resume: refused in one line, nothing trained or overwritten."""
+    if change == "npz_other_seed":
+        data = str(tmp_path / "m.npz")
+        _write_npz(data, merged=True, n=60, size=16)
+    else:
+        data = tmp_path / "d"
+        _small_tree(data)
+        data = str(data)
+    kw = dict(data_path=data, output_dir=str(tmp_path / "o"), model="resnet10t", train_crop_size=16,
+              val_resize_size=16, val_crop_size=16, batch_size=4, workers=0, device="cpu", print_freq=1000)
+    with contextlib.redirect_stdout(io.StringIO()):
+        pgnm.main(pgnm.make_config("baseline", epochs=1, **kw))
+    before = pathlib.Path(tmp_path / "o" / "checkpoint.pth").read_bytes()
+    if change == "class_renamed":
+        for split in ("train", "val"):
+            os.rename(os.path.join(data, split, "a"), os.path.join(data, split, "zz"))
+        needle = "was trained on other classes (class 0 was 'a', now 'b'): the labels would be permuted"
+    elif change == "image_added":
+        shutil.copy(os.path.join(data, "train", "b", "0.png"), os.path.join(data, "train", "b", "new.png"))
+        needle = "was trained on other training data (12 images then, 13 now)"
+    else:
+        kw["seed"] = 1
+        needle = "was trained on other training data (48 images then, 48 now, other images or split)"
+    with pytest.raises(pgnm.UserError, match=re.escape(needle)):
+        with contextlib.redirect_stdout(io.StringIO()):
+            pgnm.main(pgnm.make_config("baseline", epochs=2, resume="auto", **kw))
+    assert pathlib.Path(tmp_path / "o" / "checkpoint.pth").read_bytes() == before
 
 
 def test_resume_with_a_new_lr_rebuilds_the_schedules_and_keeps_momentum(tmp_path):
