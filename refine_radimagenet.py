@@ -229,7 +229,7 @@ class CleanParams:
     text_fill: tuple = (0.35, 0.30)     # ... fill this fraction of a 15 x 5 window (seed, extension) ...
     text_edges: tuple = (7.0, 6.0)      # ... with this many bright/dark alternations per 15 px row (seed, extension)
     cross_peak: float = 2.8             # + and x marks: a peak above this contrast ...
-    cross_arms: float = 1.3             # ... whose two arms outshine the directions 45+ degrees from both by this
+    cross_arms: float = 1.1             # ... whose two arms outshine the directions 45+ degrees from both by this
     stroke_contrast: float = 2.5        # short vertical strokes (5 px) this much brighter than both sides
     glyph_level: float = 1.5            # glyphs: connected pixels above this contrast, ...
     glyph_size: int = 8                 # ... at least this many, ...
@@ -327,7 +327,7 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
                  run_mean(r, dy, dx, half - third + 1, half)]
         lo, hi = np.minimum.reduce(parts), np.maximum.reduce(parts)
         hit = (lo > np.where(edge, p.edge_line_contrast, p.line_contrast)) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
-        on = r_fan > np.where(edge, 1.0, 0.3)
+        on = (r_fan > np.where(edge, 1.0, 0.3)) & (z > LINE_ON)
         for sgn in (1, -1):                               # extend along the line through contiguous ridge pixels
             cur = hit
             for _ in range(half):
@@ -342,6 +342,7 @@ def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.nd
     return np.nonzero((z >= dilate(z, 1)) & (z > t) & valid)
 
 
+LINE_ON = 0.5                           # a line extends along its ridge where it is this much above the local mean
 DOT_SCALE, DOT_GAP = 1.5, 7            # a caliper's dots: samples this many caliper_contrast above the sides, and
                                         # the most px between two dots that are joined
 
@@ -484,7 +485,7 @@ MARK_OTHERS = (2, 3)                    # the directions between a cross's arms 
                                         # 2 px wide arm lights the pixels next to the centre in every direction
 MARK_SOLID = 2.0                        # not within 2 px of a blob: 5 of 9 pixels with all 8 neighbours above this
 MARK_HALF = 1.0                         # each of the four half-arms (1-2 px from the centre) above this contrast
-MARK_NOTCH = 1.0                        # the two darkest pixels next to the centre between the arms this much below
+MARK_NOTCH = 1.5                        # the two darkest pixels next to the centre between the arms this much below
 MARK_NOTCHES = {(0, 4): ((1, 1), (1, -1), (-1, 1), (-1, -1)), (2, 6): ((0, 1), (0, -1), (1, 0), (-1, 0)),
                 (3, 5): ((0, 1), (0, -1))}  # the arms' mean: a cross is thin, a specular reflection a solid blob
 
