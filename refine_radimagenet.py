@@ -495,26 +495,31 @@ def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
     or more from both, with dark pixels between the arms next to the peak) and short vertical strokes (speckle and
     specular reflections run across the beam, i.e. mostly horizontally)."""
     zv = np.where(valid, z, 0.0)
+    blob = grow_mask(box_mean(erode((zv > MARK_SOLID).astype(np.uint8), 1), 1) > 4.5 / 9, 2)   # specular
+    ys, xs = np.nonzero((z > p.cross_peak) & valid & ~blob)   # the test runs at the candidate peaks only
+    zp = np.pad(zv, 4)                                    # 0 outside the frame (as shift fills)
+    at = lambda oy, ox: zp[ys + 4 + oy, xs + 4 + ox]  # noqa: E731
 
     def spokes(reach):                                    # 16 half-arms: mean of z along each, from the centre
         out = []
         for k in range(16):
             offs = {(int(round(j * np.sin(np.pi * k / 8))), int(round(j * np.cos(np.pi * k / 8)))) for j in reach}
-            out.append(sum(shift(zv, oy, ox) for oy, ox in offs) / len(offs))
+            out.append(sum(at(oy, ox) for oy, ox in offs) / len(offs))
         return out
     half, far = spokes((1, 2)), spokes(MARK_OTHERS)
     gap = lambda a, b: min(abs(a - b) % 8, 8 - abs(a - b) % 8)  # noqa: E731
-    cross = np.full(z.shape, -np.inf)
+    best = np.full(len(ys), -np.inf)
     for a, b in MARK_ARMS:
         others = np.maximum.reduce([(far[c] + far[c + 8]) / 2 for c in range(8) if gap(c, a) >= 2 and gap(c, b) >= 2])
         arms = np.minimum(half[a] + half[a + 8], half[b] + half[b + 8]) / 2
         weakest = np.minimum.reduce([half[a], half[a + 8], half[b], half[b + 8]])
-        notch = np.sort([shift(zv, oy, ox) for oy, ox in MARK_NOTCHES[(a, b)]], 0)[:2].mean(0)
+        notch = np.sort([at(oy, ox) for oy, ox in MARK_NOTCHES[(a, b)]], 0)[:2].mean(0)
         thin = (weakest > MARK_HALF) & (notch < arms - MARK_NOTCH)
-        cross = np.maximum(cross, np.where(thin, arms - others, -np.inf))
+        best = np.maximum(best, np.where(thin, arms - others, -np.inf))
+    cross = np.zeros(z.shape, bool)
+    cross[ys[best > p.cross_arms], xs[best > p.cross_arms]] = True
     vertical = run_mean(thin_ridge(np.where(valid, z, 9.0), 0, 1) * valid, 1, 0, -2, 2)
-    blob = grow_mask(box_mean(erode((zv > MARK_SOLID).astype(np.uint8), 1), 1) > 4.5 / 9, 2)   # specular
-    seeds = ((cross > p.cross_arms) & (z > p.cross_peak) & ~blob) | (vertical > p.stroke_contrast)
+    seeds = cross | (vertical > p.stroke_contrast)
     return grow_within(seeds & valid, (z > p.grow_contrast) & valid, p.grow_steps)
 
 
