@@ -229,7 +229,7 @@ class CleanParams:
     text_fill: tuple = (0.35, 0.30)     # ... fill this fraction of a 15 x 5 window (seed, extension) ...
     text_edges: tuple = (7.0, 6.0)      # ... with this many bright/dark alternations per 15 px row (seed, extension)
     cross_peak: float = 2.8             # + and x marks: a peak above this contrast ...
-    cross_arms: float = 1.6             # ... whose two arms outshine the directions 45+ degrees from both by this
+    cross_arms: float = 1.1             # ... whose two arms outshine the directions 45+ degrees from both by this
     stroke_contrast: float = 2.5        # short vertical strokes (5 px) this much brighter than both sides
     glyph_level: float = 1.5            # glyphs: connected pixels above this contrast, ...
     glyph_size: int = 8                 # ... at least this many, ...
@@ -327,7 +327,7 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
                  run_mean(r, dy, dx, half - third + 1, half)]
         lo, hi = np.minimum.reduce(parts), np.maximum.reduce(parts)
         hit = (lo > np.where(edge, p.edge_line_contrast, p.line_contrast)) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
-        on = r_fan > np.where(edge, 1.0, 0.3)
+        on = (r_fan > np.where(edge, 1.0, 0.3)) & (z > LINE_ON)
         for sgn in (1, -1):                               # extend along the line through contiguous ridge pixels
             cur = hit
             for _ in range(half):
@@ -342,6 +342,7 @@ def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.nd
     return np.nonzero((z >= dilate(z, 1)) & (z > t) & valid)
 
 
+LINE_ON = 0.5                           # a line extends along its ridge where it is this much above the local mean
 DOT_SCALE, DOT_GAP = 1.5, 7            # a caliper's dots: samples this many caliper_contrast above the sides, and
                                         # the most px between two dots that are joined
 
@@ -415,6 +416,10 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
     return out | (grow_mask(out, 1) & (z > p.caliper_peak - 0.5) & valid)
 
 
+TEXT_STRONG = (0.40, 7.5)               # a word has a window past one of these (fill, alternations); speckle that
+                                        # passes the seed test barely does
+TEXT_SIDES = 0.22                       # both halves of a window this share of bright pixels: not past a word's end
+TEXT_LETTER = 1.5                       # of a text window, the pixels above this contrast are replaced, with their rim
 TEXT_GROUND = 0.2                       # mean contrast of the non-bright pixels among letters: plain tissue
 
 
@@ -428,16 +433,21 @@ def text_rows(z, valid, p: CleanParams = CleanParams(), hw: int = 7, hh: int = 2
     fill, alternations = window(bright), window(edges) * (2 * hw + 1)
     dim = (z <= p.text_bright) & valid
     between = window(np.where(dim, z, 0.0)) / np.maximum(window(dim), 1e-6)    # letters stand on plain tissue
-    seed = (fill > p.text_fill[0]) & (alternations > p.text_edges[0]) & (between < TEXT_GROUND) & valid
+    seed = (fill > p.text_fill[0]) & (alternations > p.text_edges[0]) & (between < TEXT_GROUND) & valid & \
+        ((fill > TEXT_STRONG[0]) | (alternations > TEXT_STRONG[1]))     # speckle barely passes: one test clearly
     if not seed.any():
         return seed
-    region = grow_within(seed, (fill > p.text_fill[1]) & (alternations > p.text_edges[1]) & valid, 20)
+    half = lambda a, k0, k1: run_mean(run_mean(a.astype(np.float64), 0, 1, k0, k1), 1, 0, -hh, hh)  # noqa: E731
+    sides = np.minimum(half(bright, -hw, 0), half(bright, 0, hw))
+    region = grow_within(seed, (fill > p.text_fill[1]) & (alternations > p.text_edges[1]) & valid &
+                         (sides > TEXT_SIDES), 20)
     core = region
     for _ in range(hh):
         core = core | shift(core, 1, 0, False) | shift(core, -1, 0, False)
     for _ in range(hw // 2 + 1):                          # window centres lie inside the word: reach its ends
         core = core | ((shift(core, 0, 1, False) | shift(core, 0, -1, False)) & (z > p.text_bright))
-    return core & (z > 0.5) & valid
+    core &= valid
+    return grow_within(core & (z > TEXT_LETTER), core & (z > 0.5), 1)   # what stands out, and its rim
 
 
 def grow_within(seed: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray:
@@ -471,21 +481,45 @@ MARK_ARMS = ((0, 4), (2, 6), (3, 5))   # arm pairs of cross marks, in steps of 2
                                         # 4:3 -> 1:1 resize
 
 
+MARK_OTHERS = (2, 3)                    # the directions between a cross's arms are sampled this far out (px): a
+                                        # 2 px wide arm lights the pixels next to the centre in every direction
+MARK_SOLID = 2.0                        # not within 2 px of a blob: 5 of 9 pixels with all 8 neighbours above this
+MARK_HALF = 1.0                         # each of the four half-arms (1-2 px from the centre) above this contrast
+MARK_NOTCH = 1.5                        # the two darkest pixels next to the centre between the arms this much below
+MARK_NOTCHES = {(0, 4): ((1, 1), (1, -1), (-1, 1), (-1, -1)), (2, 6): ((0, 1), (0, -1), (1, 0), (-1, 0)),
+                (3, 5): ((0, 1), (0, -1))}  # the arms' mean: a cross is thin, a specular reflection a solid blob
+
+
 def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
-    """Cross marks (+, x: a peak whose two arms outshine every direction 45 degrees or more from both) and short
-    vertical strokes (speckle and specular reflections run across the beam, i.e. mostly horizontally)."""
+    """Cross marks (+, x: a peak whose two arms, each bright on both sides of it, outshine every direction 45 degrees
+    or more from both, with dark pixels between the arms next to the peak) and short vertical strokes (speckle and
+    specular reflections run across the beam, i.e. mostly horizontally)."""
     zv = np.where(valid, z, 0.0)
-    arms = []
-    for k in range(8):
-        offs = {(int(round(j * np.sin(np.pi * k / 8))), int(round(j * np.cos(np.pi * k / 8)))) for j in (-2, -1, 1, 2)}
-        arms.append(sum(shift(zv, oy, ox) for oy, ox in offs) / len(offs))
-    gap = lambda a, b: min(abs(a - b), 8 - abs(a - b))  # noqa: E731
-    cross = np.full(z.shape, -np.inf)
+    blob = grow_mask(box_mean(erode((zv > MARK_SOLID).astype(np.uint8), 1), 1) > 4.5 / 9, 2)   # specular
+    ys, xs = np.nonzero((z > p.cross_peak) & valid & ~blob)   # the test runs at the candidate peaks only
+    zp = np.pad(zv, 4)                                    # 0 outside the frame (as shift fills)
+    at = lambda oy, ox: zp[ys + 4 + oy, xs + 4 + ox]  # noqa: E731
+
+    def spokes(reach):                                    # 16 half-arms: mean of z along each, from the centre
+        out = []
+        for k in range(16):
+            offs = {(int(round(j * np.sin(np.pi * k / 8))), int(round(j * np.cos(np.pi * k / 8)))) for j in reach}
+            out.append(sum(at(oy, ox) for oy, ox in offs) / len(offs))
+        return out
+    half, far = spokes((1, 2)), spokes(MARK_OTHERS)
+    gap = lambda a, b: min(abs(a - b) % 8, 8 - abs(a - b) % 8)  # noqa: E731
+    best = np.full(len(ys), -np.inf)
     for a, b in MARK_ARMS:
-        others = np.maximum.reduce([arms[c] for c in range(8) if gap(c, a) >= 2 and gap(c, b) >= 2])
-        cross = np.maximum(cross, np.minimum(arms[a], arms[b]) - others)
+        others = np.maximum.reduce([(far[c] + far[c + 8]) / 2 for c in range(8) if gap(c, a) >= 2 and gap(c, b) >= 2])
+        arms = np.minimum(half[a] + half[a + 8], half[b] + half[b + 8]) / 2
+        weakest = np.minimum.reduce([half[a], half[a + 8], half[b], half[b + 8]])
+        notch = np.sort([at(oy, ox) for oy, ox in MARK_NOTCHES[(a, b)]], 0)[:2].mean(0)
+        thin = (weakest > MARK_HALF) & (notch < arms - MARK_NOTCH)
+        best = np.maximum(best, np.where(thin, arms - others, -np.inf))
+    cross = np.zeros(z.shape, bool)
+    cross[ys[best > p.cross_arms], xs[best > p.cross_arms]] = True
     vertical = run_mean(thin_ridge(np.where(valid, z, 9.0), 0, 1) * valid, 1, 0, -2, 2)
-    seeds = ((cross > p.cross_arms) & (z > p.cross_peak)) | (vertical > p.stroke_contrast)
+    seeds = cross | (vertical > p.stroke_contrast)
     return grow_within(seeds & valid, (z > p.grow_contrast) & valid, p.grow_steps)
 
 

@@ -3546,8 +3546,8 @@ def test_refine_removes_ultrasound_artifacts_and_leaves_the_rest(raw_tree, refin
         assert res.ndim == 2                                                  # greyscale: no colour pixel remains
         assert (np.abs(raw.astype(int) - clean[..., None]).max(2) > 0).sum() > 500   # the demo burned artifacts in
     fig = _figures(triples)
-    assert fig["stroke_removed_pct"] >= 88.0, fig                            # measured 88.9; the issue's target is 90
-    assert fig["changed_beyond_2px"] <= 40, fig                               # measured 14 of 1.5 M; the target is 0
+    assert fig["stroke_removed_pct"] >= 88.5, fig                            # measured 89.0; the issue's target is 90
+    assert fig["changed_beyond_2px"] <= 20, fig                               # measured 14 of 1.5 M; the target is 0
     assert fig["fill_mae"] < 25.0, fig                                       # textured fill: above a smooth fill's
     assert 0.75 < fig["fill_std"] / fig["truth_std"] < 1.35, fig            # speckle like the truth's, no blob
     assert fig["fill_lag1"] > 0.15 and fig["truth_lag1"] > 0.15, fig        # grain: neighbours correlate
@@ -3924,3 +3924,57 @@ def test_sixteen_bit_ct_is_scaled_to_eight_bits(tmp_path):
     assert len(outs) == 3
     a = np.asarray(Image.open(outs[0]))
     assert a.dtype == np.uint8 and a.min() == 0 and a.max() == 255
+
+
+def _frame_with(rng, k, draw):
+    """A clean scanner frame, `draw(ImageDraw, clean, inside)` on an RGBA layer over it, both resized to 224 px with
+    one of the resize filters: (raw RGB, clean L)."""
+    from PIL import ImageDraw
+    clean, inside = rr.clean_frame(rng, *rr.SCANNER_SIZE)
+    layer = Image.new("RGBA", rr.SCANNER_SIZE, (0, 0, 0, 0))
+    draw(ImageDraw.Draw(layer), clean, inside)
+    raw = Image.fromarray(clean).convert("RGBA")
+    raw.alpha_composite(layer)
+    f = rr.RESIZE_FILTERS[k % 3]
+    return (np.asarray(raw.convert("RGB").resize((224, 224), f)),
+            np.asarray(Image.fromarray(clean).resize((224, 224), f)))
+
+
+def test_clean_removes_thin_cross_marks_over_tissue():
+    """+ and x marks with 2 px arms over tissue (the cross test compares the arms with the directions between them
+    2-3 px out: a 2 px arm lights the pixels next to the centre)."""
+    rng = np.random.default_rng(11)
+    removed = []
+    for k in range(24):
+        def cross(d, clean, inside, k=k):
+            m = rr.box_mean(clean.astype(float), 20) * rr.erode(inside.astype(np.uint8), 40)
+            ys, xs = np.nonzero(m > 0)
+            i = np.argsort(m[ys, xs])[len(ys) // 2]                      # tissue of middling brightness
+            y, x, a = int(ys[i]), int(xs[i]), 7
+            arms = ([(x - a, y - a), (x + a, y + a)], [(x - a, y + a), (x + a, y - a)]) if k % 2 else \
+                ([(x - a, y), (x + a, y)], [(x, y - a), (x, y + a)])
+            for arm in arms:
+                d.line(arm, fill=(230, 230, 230, 255), width=2)
+        raw, clean = _frame_with(rng, k, cross)
+        grey = np.asarray(Image.fromarray(raw).convert("L"))
+        out = np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])
+        strokes = rr.stroke_pixels(grey) & (grey != clean)
+        assert strokes.sum() >= 5
+        removed.append((strokes & (out != grey)).sum() / strokes.sum())
+    assert sum(r >= 0.9 for r in removed) >= 20, removed                  # measured 21 of 24
+
+
+def test_clean_keeps_every_pixel_of_frames_crowded_with_specular_reflections():
+    """Frames crowded with the demo's bright specular reflections (solid blobs: anatomy, though a cross's centre is as
+    bright) and no annotation: no pixel changes."""
+    rng = np.random.default_rng(12)
+    w, h = rr.SCANNER_SIZE
+    for k in range(6):
+        inside, depth, ang = rr._probe(rng, w, h)
+        s = rr._speckle(rng, (h, w))
+        spec = np.maximum.reduce([rr._speculars(rng, inside, depth, ang) for _ in range(3)])
+        img = rr._echogenicity(rng, inside, depth) * s * 0.85 + spec * (0.8 + 0.2 * np.minimum(s, 1.5))
+        clean = np.clip(img * inside * 255, 0, 255).round().astype(np.uint8)
+        frame = np.asarray(Image.fromarray(clean).resize((224, 224), rr.RESIZE_FILTERS[k % 3]))
+        out, changed = rr.clean_ultrasound(Image.fromarray(frame))
+        assert changed == 0 and np.array_equal(np.asarray(out), frame)
