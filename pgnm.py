@@ -1699,6 +1699,13 @@ def average_state_dicts(state_dicts: Sequence[dict], names: Sequence[str] | None
 def average_checkpoints(paths: Sequence[str], output: str, log=print, then: str = "resume with --resume auto") -> dict:
     """Average the classifier weights of checkpoint or weight files (ours, the authors' model_<epoch>.pth, timm,
     torchvision; prefixes stripped) into `output`, a bare state_dict. Returns the average."""
+    real = [os.path.realpath(p) for p in paths]
+    twice = next((p for i, p in enumerate(paths) if real[i] in real[:i]), None)
+    if twice is not None:
+        raise UserError(f"--average lists {twice} twice: it would count double in the mean; list each file once")
+    if os.path.realpath(output) in real:
+        raise UserError(f"--average-output {output} is one of the files averaged: it would be overwritten; give "
+                        f"another path")
     state_dicts = [load_classifier_weights(p, "--average") for p in paths]
     for p, sd in zip(paths, state_dicts):
         bad = nonfinite_tensors(sd)
@@ -2928,6 +2935,10 @@ def restore_run(run: Run, state: StepState, ckpt: dict, ckpt_path: str, steps_pe
     start = Progress(int(ckpt["epoch"]), int(ckpt["step"]))
     if start.step >= int(ckpt.get("steps_per_epoch", steps_per_epoch)):
         start = Progress(start.epoch + 1, 0)
+    if start.epoch > run.cfg.epochs or (start.epoch == run.cfg.epochs and start.step > 0):
+        raise UserError(f"{ckpt_path} has trained {start.epoch} epochs{' and part of one more' if start.step else ''}, "
+                        f"more than --epochs {run.cfg.epochs}: give --epochs {start.epoch + (start.step > 0)} or more "
+                        f"(its weights alone: --finetune {ckpt_path})")
     elif ckpt.get("steps_per_epoch") != steps_per_epoch:
         raise UserError(f"{ckpt_path} was written mid-epoch with {ckpt.get('steps_per_epoch')} steps per epoch, "
                         f"this run has {steps_per_epoch}: resume with the same number of processes and --batch-size")
@@ -3244,6 +3255,10 @@ def claim_output_dir(cfg: Config, info: DistInfo, log):
         error = None
         if info.is_main:
             try:
+                if cfg.data_path and os.path.isdir(cfg.data_path) and \
+                        _inside(os.path.realpath(cfg.output_dir), os.path.realpath(cfg.data_path)):
+                    raise UserError(f"--output-dir {cfg.output_dir} lies inside --data-path {cfg.data_path}: its "
+                                    f"figures would be read as images of a class; choose a folder outside the data")
                 try:
                     os.makedirs(cfg.output_dir, exist_ok=True)
                 except OSError as e:
@@ -3254,6 +3269,11 @@ def claim_output_dir(cfg: Config, info: DistInfo, log):
                 if earlier and not cfg.resume:       # a new run there would rotate them away: work lost, silently
                     raise UserError(f"--output-dir {cfg.output_dir} holds an earlier run ({earlier[0]}): continue it "
                                     f"with --resume auto, or start afresh in another --output-dir (or remove it)")
+                if earlier and cfg.resume != "auto" and os.path.realpath(os.path.dirname(os.path.abspath(
+                        cfg.resume))) != os.path.realpath(cfg.output_dir):     # another run's checkpoint, continued here
+                    raise UserError(f"--output-dir {cfg.output_dir} holds another run ({earlier[0]}) and --resume "
+                                    f"{cfg.resume} is from elsewhere: continuing it here would overwrite that run; "
+                                    f"give an --output-dir without a checkpoint")
                 log_path = os.path.join(cfg.output_dir, "log.jsonl")
                 if os.path.islink(log_path):
                     raise UserError(f"{log_path} is a symbolic link: pgnm.py does not write through links it did not "
@@ -3291,6 +3311,9 @@ def run_phase(cfg: Config, info: DistInfo) -> dict:
             malloc_tuned = (info.device.type == "cpu" and not cfg.no_malloc_tuning
                             and tune_cpu_allocator(lambda *a: None))
             log_header(cfg, info, data, log, malloc_tuned)
+            if 0 < cfg.epochs <= cfg.lr_warmup_epochs:
+                log(f"warning: --lr-warmup-epochs {cfg.lr_warmup_epochs} is not shorter than --epochs {cfg.epochs}: the "
+                    f"lr never leaves its warm-up (it stays below --lr {cfg.lr:g}); give fewer warm-up epochs")
             last = train_epochs(run, state, data, start, log, preemption)
             if not last and ckpt is not None:
                 log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")

@@ -2399,6 +2399,49 @@ def test_resume_on_other_training_data_is_refused(tmp_path, change):
     assert pathlib.Path(tmp_path / "o" / "checkpoint.pth").read_bytes() == before
 
 
+def test_resume_never_overwrites_another_run_nor_trains_past_epochs(tmp_path):
+    """--resume of one run's checkpoint into a folder holding another run, and --epochs below the epochs a checkpoint
+    has trained, are refused in one line and leave every file as it was."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        pgnm.main(tiny("baseline", output_dir=str(tmp_path / "a"), epochs=2))
+        pgnm.main(tiny("baseline", output_dir=str(tmp_path / "victim")))
+    files = {p: p.read_bytes() for p in (tmp_path / "victim").iterdir() if p.is_file()}
+    with pytest.raises(pgnm.UserError, match="holds another run .*continuing it here would overwrite that run"):
+        pgnm.main(tiny("baseline", output_dir=str(tmp_path / "victim"), epochs=3,
+                       resume=str(tmp_path / "a" / "checkpoint.pth")))
+    assert {p: p.read_bytes() for p in (tmp_path / "victim").iterdir() if p.is_file()} == files
+    before = (tmp_path / "a" / "checkpoint.pth").read_bytes()
+    with pytest.raises(pgnm.UserError, match=r"has trained 2 epochs, more than --epochs 1: give --epochs 2 or more"):
+        pgnm.main(tiny("baseline", output_dir=str(tmp_path / "a"), epochs=1, resume="auto"))
+    assert (tmp_path / "a" / "checkpoint.pth").read_bytes() == before
+
+
+def test_output_dir_inside_the_data_and_a_warm_up_as_long_as_the_run(tmp_path):
+    _small_tree(tmp_path / "d")
+    kw = dict(data_path=str(tmp_path / "d"), model="resnet10t", train_crop_size=16, val_resize_size=16,
+              val_crop_size=16, batch_size=4, workers=0, device="cpu", print_freq=1000)
+    with pytest.raises(pgnm.UserError, match="lies inside --data-path .* would be read as images of a class"):
+        pgnm.main(pgnm.make_config("baseline", output_dir=str(tmp_path / "d" / "train" / "run1"), **kw))
+    assert not (tmp_path / "d" / "train" / "run1").exists()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        pgnm.main(pgnm.make_config("baseline", output_dir=str(tmp_path / "ft"), epochs=2, lr_warmup_epochs=2, **kw))
+    assert "warning: --lr-warmup-epochs 2 is not shorter than --epochs 2: the lr never leaves its warm-up" \
+        in printed.getvalue()
+
+
+def test_average_refuses_a_file_listed_twice_and_writing_over_an_input(tmp_path):
+    a, b = str(tmp_path / "a.pth"), str(tmp_path / "b.pth")
+    for p in (a, b):
+        torch.save(pgnm.build_model("resnet10t", 3).state_dict(), p)
+    before = pathlib.Path(a).read_bytes()
+    with pytest.raises(pgnm.UserError, match="--average lists .*a.pth twice: it would count double"):
+        pgnm.average_checkpoints([a, b, str(tmp_path / "." / "a.pth")], str(tmp_path / "avg.pth"))
+    with pytest.raises(pgnm.UserError, match="--average-output .*a.pth is one of the files averaged"):
+        pgnm.average_checkpoints([a, b], a)
+    assert pathlib.Path(a).read_bytes() == before and not (tmp_path / "avg.pth").exists()
+
+
 def test_resume_with_a_new_lr_rebuilds_the_schedules_and_keeps_momentum(tmp_path):
     torch.manual_seed(0)
     run1, state1 = _tiny_run(lr=0.02, epochs=1)
