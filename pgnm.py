@@ -3658,6 +3658,30 @@ BENCH_UNREAD = ("data_path", "output_dir", "resume", "finetune", "epochs", "work
                 "average_last", "save_masks")
 
 
+# Flags that only some runs read: (flag, what reads it) -> given without it, the run would silently ignore them.
+MASK_FLAGS = ("grid", "kernel", "sigma", "noise", "objective", "tau_image", "tau_dataset", "policy_size", "policy_model",
+              "policy_lr_ratio", "lr_min")
+POLICY_FLAGS = ("objective", "tau_image", "tau_dataset", "policy_size", "policy_model", "policy_lr_ratio", "lr_min")
+
+
+def unread_flags(phase: str, given: dict) -> dict:
+    """The command-line flags this run would not read, each with the run that would: {field: why}. Judged on the
+    flags given (presets set some of them for every phase; only what the user typed can be a mistake)."""
+    why = {}
+    for k in given:
+        if k in MASK_FLAGS and phase != "heated":
+            why[k] = f"--phase {phase} (it trains on clean images; masks are the heated phase's)"
+        elif k in POLICY_FLAGS and given.get("noise", "beta") != "beta":
+            why[k] = f"--noise {given['noise']} (fixed noise, no policy network)"
+    needs = {"amp_dtype": ("amp", "--amp"), "compile_mode": ("compile", "--compile"),
+             "ra_magnitude": ("auto_augment", "--auto-augment ra"),
+             "augmix_severity": ("auto_augment", "--auto-augment augmix")}
+    for k, (on, flag) in needs.items():
+        if k in given and (not given.get(on) or (on == "auto_augment" and given[on] != flag.split()[-1])):
+            why[k] = f"a run without {flag}"
+    return why
+
+
 def _one_line_usage_error(message: str):
     """argparse's error(), in one line (its default prints the whole usage first) and with exit code 2."""
     print(f"error: {message} (see python pgnm.py --help)", file=sys.stderr, flush=True)
@@ -3698,6 +3722,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
                                  "random batches in memory (--bench-e2e PATH times it on your data)")
                               + "; drop the flag")
     phase = phase or "heated"
+    if not (average or modes):
+        unread = unread_flags(phase, args)
+        if unread:                              # e.g. --phase baseline --noise uniform is no Table 4 ablation
+            by: dict[str, list[str]] = {}
+            for k, why in unread.items():
+                by.setdefault(why, []).append("--" + k.replace("_", "-"))
+            _one_line_usage_error("; ".join(f"{', '.join(flags)} not used by {why}" for why, flags in by.items())
+                                  + f": drop {'them' if len(unread) > 1 else 'it'}")
     try:
         if average:
             average_checkpoints(average, average_output or os.path.join(os.path.dirname(os.path.abspath(average[0])),

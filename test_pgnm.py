@@ -856,6 +856,12 @@ BAD_FLAGS = [
     (["--bench-e2e", "x", "--phase", "baseline"], "--bench-e2e does not use --phase"),
     (["--bench", "--bench-e2e", "x"], "--bench and --bench-e2e: give one of them"),  # one ran, one was ignored
     (["--average", "a.pth", "--bench"], "--average and --bench: give one of them"),
+    (["--phase", "baseline", "--noise", "uniform"], "--noise not used by --phase baseline"),   # looked like Table 4
+    (["--phase", "finetune", "--grid", "8"], "--grid not used by --phase finetune"),
+    (["--noise", "gaussian", "--objective", "reinforce"], "--objective not used by --noise gaussian"),
+    (["--amp-dtype", "bfloat16"], "--amp-dtype not used by a run without --amp"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode not used by a run without --compile"),
+    (["--auto-augment", "ra", "--augmix-severity", "2"], "--augmix-severity not used by a run without --auto-augment augmix"),
 ]
 
 
@@ -1062,7 +1068,7 @@ def test_unreadable_image_stops_with_a_hint_or_is_skipped_and_counted(tmp_path):
     with open(os.path.join(root, "train", "a", "0.png"), "wb") as fh:
         fh.write(b"not a png")
     proc = run_cli("--phase", "baseline", "--data-path", root, "--batch-size", "4", "--epochs", "1", "--train-crop-size",
-                   "32", "--val-crop-size", "32", "--val-resize-size", "32", "--grid", "8", "--workers", "0",
+                   "32", "--val-crop-size", "32", "--val-resize-size", "32", "--workers", "0",
                    "--output-dir", str(tmp_path / "o"))
     _assert_one_line_error(proc, "0.png", "--skip-bad-images")
     res = pgnm.main(tiny("baseline", data_path=root, batch_size=4, skip_bad_images=True, output_dir=str(tmp_path / "o2")))

@@ -34,7 +34,8 @@ if [ "$DEVICE" = "cpu" ]; then
     DEV0="--device cpu"
     BENCH="--model resnet10t --batch-size 2 --train-crop-size 32 --grid 8 --kernel 3 --sigma 1 --bench-rounds 2"
     TINY="--synthetic-per-class 2 --synthetic-size 32 --train-crop-size 32 --val-resize-size 32 --val-crop-size 32 \
---grid 8 --kernel 3 --sigma 1 --batch-size 8"
+--batch-size 8"
+    MASK="--grid 8 --kernel 3 --sigma 1"        # the heated phase's only: finetune refuses flags it would not read
     PNG="--size 40 --per-class 1 --copies 2 --val-per-class 1"
     E2E="--model resnet10t --batch-size 8 --train-crop-size 32 --val-resize-size 32 --val-crop-size 32 --grid 8 \
 --kernel 3 --sigma 1 --bench-steps 3"
@@ -48,6 +49,7 @@ else
     # the issue's setting: resnet50 + resnet10t policy, batch 64, 224 px, grid 64, kernel 13, sigma 6, 15 rounds
     BENCH="--model resnet50 --batch-size 64 --train-crop-size 224 --grid 64 --kernel 13 --sigma 6 --bench-rounds 15"
     TINY=""                                     # the built-in synthetic preset (resnet10t, 64 px)
+    MASK=""
     PNG="--size 256 --per-class 16 --copies 25 --val-per-class 4"
     E2E="--model resnet50 --batch-size 64 --train-crop-size 224 --val-resize-size 256 --val-crop-size 224 --grid 64 \
 --kernel 13 --sigma 6 --bench-steps 150"
@@ -117,9 +119,9 @@ step "torchrun --bench (1 process, small)" 90 -- "$PY" -m torch.distributed.run 
 
 # 3. training entry points: torchrun heated + finetune with AMP and SyncBN, resume with AMP, evaluate on CUDA
 step "torchrun heated --amp --sync-bn" 150 -- "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
-    pgnm.py --phase heated --amp --sync-bn --epochs 2 $TINY --output-dir "$RUNS/heated"
+    pgnm.py --phase heated --amp --sync-bn --epochs 2 $TINY $MASK --output-dir "$RUNS/heated"
 step "resume heated --amp (epoch 3 of 3)" 120 -- bash -c "\"$PY\" pgnm.py --phase heated --amp --sync-bn --epochs 3 \
-    $TINY --output-dir '$RUNS/heated' --resume auto | tee /dev/stderr | grep 'resumed from .*checkpoint.pth: epoch 3'"
+    $TINY $MASK --output-dir '$RUNS/heated' --resume auto | tee /dev/stderr | grep 'resumed from .*checkpoint.pth: epoch 3'"
 step "torchrun finetune --amp" 150 -- "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
     pgnm.py --phase finetune --amp --epochs 1 $TINY --output-dir "$RUNS/finetune"
 step "evaluate.py --device ${DEVICE}" 150 -- "$PY" evaluate.py --checkpoints "$RUNS/heated/model_heated.pth" \
@@ -140,9 +142,9 @@ step "bench-e2e bf16, 12 workers" 120 optional 30 -- "$PY" pgnm.py --bench-e2e "
     --amp-dtype bfloat16 --workers 12 --output-dir "$RUNS/e2e"
 step "bench-data, 8 workers" 90 optional 20 -- "$PY" pgnm.py --bench-data "$WORK/pngs" $BDATA --workers 8
 step "heated --amp --compile (2 epochs)" 200 optional 60 -- "$PY" pgnm.py --phase heated --amp --compile --epochs 2 \
-    $TINY --output-dir "$RUNS/compiled"
+    $TINY $MASK --output-dir "$RUNS/compiled"
 step "heated --amp --deterministic, twice, identical weights" 120 optional 30 -- bash -c "for r in a b; do \
-    \"$PY\" pgnm.py --phase heated --amp --deterministic --epochs 1 $TINY --output-dir '$RUNS/det_'\$r || exit 1; done; \
+    \"$PY\" pgnm.py --phase heated --amp --deterministic --epochs 1 $TINY $MASK --output-dir '$RUNS/det_'\$r || exit 1; done; \
     \"$PY\" -c \"import torch; a, b = (torch.load('$RUNS/det_' + r + '/model_heated.pth', weights_only=True) \
 for r in 'ab'); same = all(torch.equal(a[k], b[k]) for k in a); print('CHECK: deterministic runs identical:', same); \
 raise SystemExit(0 if same else 1)\""
