@@ -565,7 +565,8 @@ def test_average_refuses_nan_weights_and_names_the_file_that_does_not_fit(tmp_pa
     assert pgnm.cli(["--average", good, other, "--average-output", str(out)]) == 2
     err = _one_error_line(capsys)
     assert other in err and good in err and not out.exists(), err
-    assert pgnm.cli(["--average", good, good, "--average-output", str(tmp_path)]) == 2     # a folder in the way
+    torch.save(sds[1], nan)                                                                   # finite now
+    assert pgnm.cli(["--average", good, nan, "--average-output", str(tmp_path)]) == 2      # a folder in the way
     err = _one_error_line(capsys)
     assert "--resume" not in err and "run the command again" in err, err
 
@@ -836,8 +837,8 @@ BAD_FLAGS = [
     (["--val-split", "0.5"], "--val-split 0.5"), (["--max-bad-steps", "0"], "--max-bad-steps 0"),
     (["--save-every-steps", "-1"], "--save-every-steps -1"), (["--mixup-alpha", "-1"], "--mixup-alpha -1"),
     (["--cutmix-alpha", "inf"], "--cutmix-alpha inf"), (["--num-classes", "1"], "--num-classes 1"),
-    (["--policy-size", "8"], "--policy-size 8"), (["--ra-magnitude", "31"], "--ra-magnitude 31"),
-    (["--augmix-severity", "0"], "--augmix-severity 0"), (["--synthetic-size", "8"], "--synthetic-size 8"),
+    (["--policy-size", "8"], "--policy-size 8"), (["--auto-augment", "ra", "--ra-magnitude", "31"], "--ra-magnitude 31"),
+    (["--auto-augment", "augmix", "--augmix-severity", "0"], "--augmix-severity 0"), (["--synthetic-size", "8"], "--synthetic-size 8"),
     (["--synthetic-per-class", "0"], "--synthetic-per-class 0"), (["--grid", "0"], "--grid 0"),
     (["--kernel", "-3"], "--kernel -3"), (["--amp-dtype", "float8"], "--amp-dtype"),
     (["--interpolation", "lanczos"], "--interpolation"), (["--lr-warmup-method", "cosine"], "--lr-warmup-method"),
@@ -1674,7 +1675,7 @@ def test_mask_figure_survives_a_failed_write_and_shows_every_class_in_full(tmp_p
     (tmp_path / "data" / "val" / "a b" / "0.png").write_bytes(b"not an image")        # the first of its class
     os.makedirs(os.path.join(out, "masks_epoch001.png"))                               # in the way
     args = [*TINY_CLI, "--epochs", "1", "--data-path", root, "--model", "resnet10t", "--batch-size", "3",
-            "--skip-bad-images", "--save-masks", "--output-dir", out, "--resume", "auto"]
+            "--skip-bad-images", "--save-masks", "--output-dir", out, "--resume", "auto", "--workers", "0"]
     assert pgnm.cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "masks_epoch001.png" in err, err
