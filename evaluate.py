@@ -473,13 +473,17 @@ def _synthetic(seed: int, per_class: int, tf) -> ProbeData:
     return ProbeData(SYNTHETIC, key, images, labels)
 
 
+class _ProbeFolder(pgnm.ImageFolderDataset):
+    skip_hint = ""                 # evaluate.py has no --skip-bad-images: a probe needs every image
+
+
 def _imagefolder(spec: str, seed: int, tf) -> ProbeData:
-    train = pgnm.ImageFolderDataset(os.path.join(spec, "train"), tf)
+    train = _ProbeFolder(os.path.join(spec, "train"), tf)
     images, labels = {"train": train}, {"train": np.asarray(train.targets)}
     for split in ("val", "test"):
         d = os.path.join(spec, split)
         if os.path.isdir(d):
-            ds = pgnm.ImageFolderDataset(d, tf, classes=train.classes)
+            ds = _ProbeFolder(d, tf, classes=train.classes)
             images[split], labels[split] = ds, np.asarray(ds.targets)
     if "test" not in images:     # no test/: report on val, stop early on a stratified 10% of train
         images["test"], labels["test"] = images["val"], labels["val"]
@@ -795,6 +799,13 @@ def prepare_output_dir(output_dir: str) -> str:
 
 
 def load_backbones(checkpoints: Sequence[str], labels: Sequence[str] | None, model: str | None, log) -> list:
+    real = [os.path.realpath(p) for p in checkpoints]
+    twice = next((p for i, p in enumerate(checkpoints) if real[i] in real[:i]), None)
+    if twice is not None:
+        raise UserError(f"--checkpoints lists {twice} twice: list each backbone once")
+    if not labels and len(set(default_labels(checkpoints))) < len(checkpoints):
+        raise UserError(f"--checkpoints {' '.join(checkpoints)} share a default name (the phase or the file name): "
+                        f"give each a column name with --labels")
     labels = list(labels) if labels else default_labels(checkpoints)
     if len(labels) != len(checkpoints):
         raise UserError(f"--labels has {len(labels)} names for {len(checkpoints)} --checkpoints")

@@ -770,6 +770,8 @@ class AugmentedDataset(torch.utils.data.Dataset):
     With skip_bad, an unreadable sample is reported, counted in `bad_count` (shared by loader workers) and yields
     None, which `collate_skip_none` drops."""
 
+    skip_hint = ", or pass --skip-bad-images"      # how the tool reading the data skips an unreadable file
+
     def __init__(self, transform=None, seed: int = 0, skip_bad: bool = False):
         self.transform, self.seed, self.skip_bad = transform, seed, skip_bad
         self.bad_count = torch.multiprocessing.Value("i", 0) if skip_bad else None
@@ -791,7 +793,7 @@ class AugmentedDataset(torch.utils.data.Dataset):
         except Exception as e:  # noqa: BLE001 - any decoder failure is the same user-facing problem
             if not self.skip_bad:
                 raise UserError(f"cannot read {self.describe(i)} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                f"fix or delete it, or pass --skip-bad-images") from None
+                                f"fix or delete it{self.skip_hint}") from None
             with self.bad_count.get_lock():
                 self.bad_count.value += 1
             print(f"warning: skipped unreadable {self.describe(i)} ({type(e).__name__})", file=sys.stderr, flush=True)
@@ -2226,7 +2228,8 @@ def train_one_epoch(run: Run, state: StepState, loader, epoch: int, start_step: 
                            f"{step + 1}); lower --lr, add --clip-grad-norm, or drop --amp, and resume with "
                            f"--resume auto: the last good checkpoint is kept")
         if stop:
-            raise TrainingStopped("stop requested by signal")
+            raise TrainingStopped(f"stop requested by signal at epoch {epoch + 1}, step {step + 1}"
+                                  + ("; checkpoint written, continue with --resume auto" if on_step else ""))
         t_last = time.perf_counter()
     if state.amp_skipped > amp_skipped_at_start:
         log(f"note: GradScaler skipped {state.amp_skipped - amp_skipped_at_start} fp16-overflow step(s) in epoch "
@@ -2632,6 +2635,12 @@ def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> N
         if key in saved and saved[key] != getattr(cfg, key):
             raise UserError(f"{source} was written with --{key.replace('_', '-')} {saved[key]}, this run has "
                             f"{getattr(cfg, key)}: use the same flags or another --output-dir")
+    weights = strip_prefixes(ckpt["model"]) if isinstance(ckpt.get("model"), dict) else {}
+    saved_fc, fc = weights.get("fc.weight"), getattr(run.model_raw, "fc", None)
+    if isinstance(saved_fc, torch.Tensor) and isinstance(fc, nn.Linear) and saved_fc.shape[0] != fc.out_features:
+        raise UserError(f"{source} has {saved_fc.shape[0]} classifier outputs, this run {fc.out_features} "
+                        f"(--num-classes or the data's classes): resume with the same, or start from its weights "
+                        f"with --finetune {source} in another --output-dir")
     try:
         run.model_raw.load_state_dict(strip_prefixes(ckpt["model"]))
         if run.policy is not None:
@@ -3127,7 +3136,8 @@ def train_epochs(run: Run, state: StepState, data: Data, start: Progress, log,
             clock.outside = time.perf_counter() - t_trained
             last = rec
             if epoch + 1 < cfg.epochs and any_rank([preemption.signalled], run.info.device)[0]:
-                raise TrainingStopped(f"stop requested by signal (after epoch {epoch + 1}, checkpoint written)")
+                raise TrainingStopped(f"stop requested by signal after epoch {epoch + 1}; checkpoint written, "
+                                      f"continue with --resume auto")
     return last
 
 
