@@ -3521,7 +3521,7 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
 
 def bench_data(cfg: Config, batches: int = 50, log=print) -> dict:
     """Images per second of the training data loader alone (decode + augmentation + collation)."""
-    validate_config(cfg)
+    validate_config(dataclasses.replace(cfg, phase="baseline"))        # no masks drawn: the grid is not checked
     data = build_datasets(cfg)
     ds = data["train"]
     sampler = TrainSampler(len(ds), cfg.batch_size, seed=cfg.seed)
@@ -3531,13 +3531,14 @@ def bench_data(cfg: Config, batches: int = 50, log=print) -> dict:
     if len(loader) < 2:
         raise UserError(f"--bench-data: {len(ds)} training images make {len(loader)} batch(es) of {cfg.batch_size}; "
                         f"the timing needs at least 2: lower --batch-size")
-    n, t0, it = 0, None, iter(loader)
-    for i in range(min(batches + 2, len(loader))):
+    n, t0, it = 0, 0.0, iter(loader)
+    for i in range(min(batches + 1, len(loader))):
         x, _ = next(it)
-        if i == 1:                       # the first batch pays for worker start-up
-            t0, n = time.perf_counter(), 0
+        if i == 0:                       # the first batch pays for worker start-up: the clock starts after it
+            t0 = time.perf_counter()
+            continue
         n += x.shape[0]
-    el = time.perf_counter() - t0 if t0 else float("nan")
+    el = time.perf_counter() - t0
     res = {"images_per_s": round(n / el, 1), "workers": cfg.workers, "batch_size": cfg.batch_size, "images": n}
     log(f"bench-data: {cfg.data_path or 'synthetic'}: {res['images_per_s']} images/s with {cfg.workers} workers")
     log(json.dumps(res))
@@ -3714,7 +3715,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
                                           ("--bench-rounds", rounds, do_bench, "--bench"),
                                           ("--bench-steps", e2e_steps, e2e_path, "--bench-e2e")):
         if value is not None and not needs:     # alone, it would be ignored and a training run would start
-            _one_line_usage_error(f"{flag} only goes with {main_flag}: without it a training run would start")
+            other = [m for m, on in (("--bench", do_bench), ("--bench-data", bench_path), ("--bench-e2e", e2e_path),
+                                     ("--average", average)) if on]
+            _one_line_usage_error(f"{flag} only goes with {main_flag}: " + (f"{other[0]} does not read it" if other
+                                                                            else "without it a training run would start"))
     rounds, e2e_steps = 20 if rounds is None else rounds, 150 if e2e_steps is None else e2e_steps
     for flag, value in (("--bench-rounds", rounds), ("--bench-steps", e2e_steps)):
         if value < 1:
@@ -3728,8 +3732,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
         + [k for k in BENCH_UNREAD if k in args and do_bench]
     if ignored:                                 # flags the mode would not read: say so rather than ignore them
         _one_line_usage_error(f"{modes[0]} does not use {', '.join('--' + k.replace('_', '-') for k in ignored)}: "
-                              + ("it averages the files as they are" if average else "it times the heated step on "
-                                 "random batches in memory (--bench-e2e PATH times it on your data)")
+                              + ("it averages the files as they are" if average else
+                                 "it times heated steps" + (" on random batches in memory (--bench-e2e PATH times "
+                                                            "them on your data)" if do_bench else ""))
                               + "; drop the flag")
     phase = phase or "heated"
     if not (average or modes):
@@ -3746,6 +3751,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
                                                                         f"model_avg{len(average)}.pth"),
                                 then="run the command again")
             return 0
+        for flag, path in (("--bench-e2e", e2e_path), ("--bench-data", bench_path)):
+            if path is not None and not os.path.exists(path):      # before anything names it --data-path
+                raise UserError(f"{flag} {path} does not exist: give an ImageFolder root (train/, val/) or a .npz")
         if e2e_path is not None:
             args["data_path"] = e2e_path
             bench_e2e(make_config("heated", **args), steps=e2e_steps)

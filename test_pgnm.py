@@ -857,6 +857,8 @@ BAD_FLAGS = [
     (["--bench-e2e", "x", "--phase", "baseline"], "--bench-e2e does not use --phase"),
     (["--bench", "--bench-e2e", "x"], "--bench and --bench-e2e: give one of them"),  # one ran, one was ignored
     (["--average", "a.pth", "--bench"], "--average and --bench: give one of them"),
+    (["--bench-e2e", "no_such_dir"], "--bench-e2e no_such_dir does not exist"),          # it said --data-path
+    (["--bench-data", "x", "--bench-steps", "3"], "--bench-data does not read it"),
     (["--phase", "baseline", "--noise", "uniform"], "--noise not used by --phase baseline"),   # looked like Table 4
     (["--phase", "finetune", "--grid", "8"], "--grid not used by --phase finetune"),
     (["--noise", "gaussian", "--objective", "reinforce"], "--objective not used by --noise gaussian"),
@@ -2408,6 +2410,16 @@ def test_resume_on_other_training_data_is_refused(tmp_path, change):
         with contextlib.redirect_stdout(io.StringIO()):
             pgnm.main(pgnm.make_config("baseline", epochs=2, resume="auto", **kw))
     assert pathlib.Path(tmp_path / "o" / "checkpoint.pth").read_bytes() == before
+
+
+def test_bench_data_times_the_loader_after_its_first_batch(tmp_path, capsys):
+    """--bench-data counts only the images loaded after the clock starts (the first batch, which pays for the workers'
+    start-up, was counted once without its time) and never checks the grid it does not use."""
+    _small_tree(tmp_path / "d")                                       # 2 classes x 6 training images
+    assert pgnm.cli(["--bench-data", str(tmp_path / "d"), "--batch-size", "4", "--train-crop-size", "16",
+                     "--val-crop-size", "16", "--val-resize-size", "16", "--workers", "0"]) == 0   # grid 64 > 16 px
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["images"] == 8 and res["images_per_s"] > 0             # batches 2 and 3 of 3
 
 
 def test_resume_never_overwrites_another_run_nor_trains_past_epochs(tmp_path):
