@@ -1292,6 +1292,9 @@ def check_run_arguments(data_path: str, output_dir: str, ratios: Sequence[float]
     base = find_base(data_path)
     if _inside(os.path.realpath(output_dir), os.path.realpath(os.path.join(base, "radiology_ai"))):
         raise UserError(f"--output-dir {output_dir} is inside --data-path's radiology_ai/: put it elsewhere")
+    if os.path.realpath(output_dir) == os.path.realpath(base):
+        raise UserError(f"--output-dir {output_dir} is the data root: train/ val/ test/ and the manifest would lie "
+                        f"among the raw download; give a folder of their own")
     return base
 
 
@@ -1670,9 +1673,39 @@ def _check_new_path(flag: str, path: str, folder: bool) -> None:
         raise UserError(f"{flag} {path}: the folder {parent} does not exist; create it first")
 
 
+def unread_flags(a: argparse.Namespace, given: set) -> list[str]:
+    """The flags given on the command line that this command would not read, each with the reason: refused, since
+    a user who gave them expects them to act."""
+    mode = "--make-demo" if a.make_demo else "--demo-report" if a.demo_report else None
+    if a.make_demo and a.demo_report:
+        return ["--make-demo and --demo-report are two commands: give one of them per command"]
+    out = []
+    for k in sorted(given):
+        flag = "--" + k.replace("_", "-")
+        if mode and k not in {"make_demo", "demo_report", "seed"} | ({"demo_per_class"} if a.make_demo else set()) \
+                | ({"demo_frames", "colour_threshold", "black_level", "halo"} if a.demo_report else set()):
+            out.append(f"{flag} is not read by {mode}")
+        elif not mode and k in ("demo_per_class", "demo_frames"):
+            out.append(f"{flag} only goes with {'--make-demo' if k == 'demo_per_class' else '--demo-report'}")
+        elif not mode and k == "allow_missing" and not a.split_csv_dir:
+            out.append(f"{flag} only goes with --split-csv-dir")
+        elif not mode and k == "ratios" and a.split_csv_dir:
+            out.append(f"{flag} is not read with --split-csv-dir (the CSVs give the splits)")
+        elif not mode and k in ("colour_threshold", "black_level", "halo") and (a.no_clean or a.correction_masks):
+            out.append(f"{flag} is not read with {'--no-clean' if a.no_clean else '--correction-masks'} "
+                       f"(no cleaning runs)")
+    return out
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
     log = lambda *x: print(*x, flush=True)  # noqa: E731
+    unread = unread_flags(a, {k for k, v in vars(a).items() if v != parser.get_default(k)})
+    if unread:
+        drop = "" if "give one of them" in unread[0] else f": drop {'them' if len(unread) > 1 else 'it'}"
+        print(f"error: {'; '.join(unread)}{drop} (see python refine_radimagenet.py --help)", file=sys.stderr)
+        return 2
     try:
         params = CleanParams(colour_threshold=a.colour_threshold, black_level=a.black_level, halo=a.halo)
         for flag, value in (("--demo-per-class", a.demo_per_class), ("--demo-frames", a.demo_frames)):
@@ -1695,9 +1728,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
         refine(a.data_path, a.output_dir, a.split_csv_dir, a.correction_masks, a.ratios, a.seed, a.workers,
                a.no_clean, a.dry_run, params, log, a.allow_missing)
         return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        print(f"error: {pgnm.failure_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the finished outputs are kept; run the same command again to go on", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

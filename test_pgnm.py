@@ -3580,7 +3580,7 @@ def _tree_bytes(root):
         for f in fns:
             if f.endswith(".png"):
                 p = os.path.join(dp, f)
-                out[os.path.relpath(p, root)] = open(p, "rb").read()
+                out[os.path.relpath(p, root)] = pathlib.Path(p).read_bytes()
     return out
 
 
@@ -3841,6 +3841,12 @@ def _bad_input_cases(raw_tree, tmp):
         (run + ["--colour-threshold", "-1"], "--colour-threshold"),
         (run + ["--black-level", "300"], "--black-level"),
         (run + ["--halo", "9"], "--halo"),
+        (["--data-path", raw_tree, "--output-dir", raw_tree], "is the data root"),       # wrote next to radiology_ai/
+        (run + ["--allow-missing"], "--allow-missing only goes with --split-csv-dir"),      # flags that were ignored
+        (run + ["--no-clean", "--halo", "2"], "--halo is not read with --no-clean"),
+        (run + ["--demo-frames", "5"], "--demo-frames only goes with --demo-report"),
+        (["--make-demo", str(tmp / "d1"), "--workers", "3"], "--workers is not read by --make-demo"),
+        (["--make-demo", str(tmp / "d2"), "--demo-report", str(tmp / "r.png")], "give one of them per command"),
         (run + ["--seed", "-1"], "--seed"),
         (run + ["--seed", "abc"], "--seed"),
         (run[:-1] + ["-2"], "--workers"),
@@ -3864,6 +3870,17 @@ def test_refine_bad_input_is_one_line_and_exit_code_2(raw_tree, tmp_path, capsys
         assert code == 2 and len(err.strip().splitlines()) == 1, (argv, err)
         assert names in err and "Traceback" not in err, (argv, err)
     assert os.listdir(tmp_path / "out_link_target") == []                    # nothing written through the link
+
+
+@pytest.mark.parametrize("fault,code,line", [
+    (KeyboardInterrupt(), 130, "interrupted: the finished outputs are kept; run the same command again to go on"),
+    (OSError(5, "Input/output error", "/raw/x.png"), 2, "error: Input/output error: /raw/x.png")])
+def test_refine_ctrl_c_and_a_failing_disk_are_one_line(raw_tree, tmp_path, capsys, monkeypatch, fault, code, line):
+    def fail(*a, **k):
+        raise fault
+    monkeypatch.setattr(rr, "refine", fail)
+    assert rr.cli(["--data-path", raw_tree, "--output-dir", str(tmp_path / "o")]) == code
+    assert capsys.readouterr().err.strip() == line
 
 
 def test_refine_allow_missing_goes_on_and_lists_them(raw_tree, tmp_path, capsys):
