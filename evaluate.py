@@ -801,8 +801,8 @@ def prepare_output_dir(output_dir: str) -> str:
 def load_backbones(checkpoints: Sequence[str], labels: Sequence[str] | None, model: str | None, log) -> list:
     real = [os.path.realpath(p) for p in checkpoints]
     twice = next((p for i, p in enumerate(checkpoints) if real[i] in real[:i]), None)
-    if twice is not None:
-        raise UserError(f"--checkpoints lists {twice} twice: list each backbone once")
+    if twice is not None and not labels:            # (with --labels, one backbone under two names is allowed)
+        raise UserError(f"--checkpoints lists {twice} twice: list each backbone once (or name each with --labels)")
     if not labels and len(set(default_labels(checkpoints))) < len(checkpoints):
         raise UserError(f"--checkpoints {' '.join(checkpoints)} share a default name (the phase or the file name): "
                         f"give each a column name with --labels")

@@ -838,9 +838,9 @@ def scan_images(folder: str, root: str, seen_dirs: dict[str, str], linked_files:
                 is_dir = e.is_dir()
             except OSError:
                 is_dir = False
-            if is_dir:
+            if is_dir and not e.name.startswith("."):       # .ipynb_checkpoints, .git, ...
                 stack.append(e.path)
-            elif e.name.lower().endswith(IMG_EXTENSIONS):
+            elif e.name.lower().endswith(IMG_EXTENSIONS) and not e.name.startswith("."):  # ._x.png: macOS metadata
                 if e.is_symlink() and os.path.exists(e.path):   # a broken link stays in: decoding reports it
                     target = os.path.realpath(e.path)
                     if not _inside(target, real_root):

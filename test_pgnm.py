@@ -2422,6 +2422,18 @@ def test_bench_data_times_the_loader_after_its_first_batch(tmp_path, capsys):
     assert res["images"] == 8 and res["images_per_s"] > 0             # batches 2 and 3 of 3
 
 
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    """A copy from a Mac leaves ._x.png (AppleDouble metadata, not a PNG) beside each image; a notebook leaves
+    .ipynb_checkpoints/. Both used to be read as images and stop the run mid-epoch."""
+    _small_tree(tmp_path / "d")
+    (tmp_path / "d" / "train" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    os.makedirs(tmp_path / "d" / "train" / "b" / ".ipynb_checkpoints")
+    (tmp_path / "d" / "train" / "b" / ".ipynb_checkpoints" / "0.png").write_bytes(b"")
+    ds = pgnm.ImageFolderDataset(str(tmp_path / "d" / "train"))
+    assert len(ds) == 12 and not any(os.sep + "." in p for p, _ in ds.samples)
+    assert all(ds[i][0].shape == (3, 16, 16) for i in range(len(ds)))
+
+
 def test_resume_never_overwrites_another_run_nor_trains_past_epochs(tmp_path):
     """--resume of one run's checkpoint into a folder holding another run, and --epochs below the epochs a checkpoint
     has trained, are refused in one line and leave every file as it was."""
