@@ -3233,13 +3233,27 @@ def log_summary(cfg: Config, final: dict, seconds: float, files: Sequence[str], 
         else:
             log(f"  {path:<{width}}  {describe_output(n, cfg)}")
     model = os.path.join(cfg.output_dir, f"model_{cfg.phase}.pth")
-    if cfg.phase == "heated":
-        same = os.path.abspath(default_finetune_path(default_output_dir("finetune"))) == os.path.abspath(model)
-        nxt = ("python pgnm.py --phase finetune" + (f" --data-path {cfg.data_path}" if cfg.data_path else "")
-               + ("" if same else f" --finetune {model}"))
-    else:
-        nxt = f"python evaluate.py --checkpoints {model}" + (" --data YOUR_UNSEEN_DATA" if cfg.data_path else "")
-    log(f"[{cfg.phase}] next: {nxt}")
+    log(f"[{cfg.phase}] next: {next_command(cfg, model)}")
+
+
+# What a fine-tuning run must share with its heated run: the network and what its images look like.
+CARRIED_TO_FINETUNE = ("model", "num_classes", "train_crop_size", "val_resize_size", "val_crop_size",
+                       "interpolation", "mean", "std", "val_split", "synthetic_size", "synthetic_per_class")
+
+
+def next_command(cfg: Config, model: str) -> str:
+    """The command to paste after a phase: heated -> finetune with what differs from the finetune preset among
+    CARRIED_TO_FINETUNE (and --finetune unless the default path finds the model); else evaluate.py. Shell-quoted."""
+    q = lambda v: shlex.quote(format_value(v))       # noqa: E731
+    if cfg.phase != "heated":
+        return f"python evaluate.py --checkpoints {q(model)}" + (" --data YOUR_UNSEEN_DATA" if cfg.data_path else "")
+    ref = make_config("finetune", data_path=cfg.data_path)
+    flags = [f"--data-path {q(cfg.data_path)}"] * (cfg.data_path is not None)
+    flags += [f"--{k.replace('_', '-')} {q(getattr(cfg, k))}" for k in CARRIED_TO_FINETUNE
+              if getattr(cfg, k) != getattr(ref, k)]
+    if os.path.abspath(default_finetune_path(default_output_dir("finetune"))) != os.path.abspath(model):
+        flags.append(f"--finetune {q(model)}")
+    return " ".join(["python pgnm.py --phase finetune", *flags])
 
 
 def main(cfg: Config) -> dict:

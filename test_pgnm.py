@@ -1745,6 +1745,21 @@ def test_summary_names_every_file_the_run_wrote(heated_run):
     assert lines[-1].startswith("[heated] next: python pgnm.py --phase finetune")
 
 
+@pytest.mark.parametrize("data_path", [None, "/data/my scans ü"])
+def test_next_command_pastes_into_a_finetune_run_of_the_same_network_and_images(data_path):
+    """The printed next step, split as a shell would, gives a finetune config with the heated run's network, sizes
+    and data (it dropped --model and the sizes, and broke on paths with spaces)."""
+    heated = tiny(model="resnet18", data_path=data_path, output_dir="/runs/my run/heated", val_resize_size=40)
+    words = shlex.split(pgnm.next_command(heated, "/runs/my run/heated/model_heated.pth"))
+    assert words[:4] == ["python", "pgnm.py", "--phase", "finetune"]
+    args = vars(pgnm.build_parser().parse_args(words[2:]))
+    ft = pgnm.make_config(args.pop("phase"), **args)
+    assert ft.finetune == "/runs/my run/heated/model_heated.pth" and ft.data_path == data_path
+    assert all(getattr(ft, k) == getattr(heated, k) for k in pgnm.CARRIED_TO_FINETUNE), \
+        {k: (getattr(ft, k), getattr(heated, k)) for k in pgnm.CARRIED_TO_FINETUNE}
+    assert pgnm.unread_flags("finetune", args) == {}                  # and no flag the finetune phase refuses
+
+
 def test_curves_png_with_matplotlib_or_a_line_saying_how_to_get_it(heated_run, tmp_path, monkeypatch):
     _, out, printed, _ = heated_run
     try:
