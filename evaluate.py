@@ -665,7 +665,8 @@ def _fmt(mean, ci):
 
 def markdown_table(datasets: dict, labels: list[str], metric: str = "f1") -> str:
     """Table 3: rows are data sets, columns backbones, cells the MLP probe's mean ± 95% CI; the best in bold."""
-    lines = [f"| Dataset | {' | '.join(labels)} |", "|---" * (len(labels) + 1) + "|"]
+    cell = lambda text: str(text).replace("|", "\\|")     # noqa: E731 - a '|' in a label would split the cell
+    lines = [f"| Dataset | {' | '.join(map(cell, labels))} |", "|---" * (len(labels) + 1) + "|"]
     for name, r in datasets.items():
         means = [r["mlp"][lab][f"{metric}_mean"] for lab in labels]
         best = max((m for m in means if not math.isnan(m)), default=float("nan"))
@@ -673,7 +674,7 @@ def markdown_table(datasets: dict, labels: list[str], metric: str = "f1") -> str
         for lab, m in zip(labels, means):
             c = _fmt(m, r["mlp"][lab][f"{metric}_ci"])
             cells.append(f"**{c}**" if len(labels) > 1 and m == best else c)
-        lines.append(f"| {name} ({r['task']}, {r['n_samples']} samples, {r['trials']} trials) | {' | '.join(cells)} |")
+        lines.append(f"| {cell(name)} ({r['task']}, {r['n_samples']} samples, {r['trials']} trials) | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -306,8 +306,8 @@ def validate_config(cfg: Config) -> None:
                           ("finetune", "leave the flag out for the phase's default")):
         need(getattr(cfg, name) != "", f"--{name.replace('_', '-')} '': give a path, or {instead} (an empty shell "
                                        f"variable?)")
-    need(cfg.output_dir is None or not os.path.isfile(cfg.output_dir),
-         f"--output-dir {cfg.output_dir} is a file: give a folder (it is created if missing)")
+    need(cfg.output_dir is None or not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir),
+         f"--output-dir {cfg.output_dir} is a file, not a folder: give a folder (it is created if missing)")
     number("seed", 0, 2 ** 63 - 1)
     number("epochs", 1)
     number("batch_size", 1)
@@ -326,6 +326,9 @@ def validate_config(cfg: Config) -> None:
     number("clip_grad_norm", 0, lo_open=True, optional=True)
     for name in ("train_crop_size", "val_resize_size", "val_crop_size"):   # before --grid, which is compared to them
         number(name, 1, what="at least 1 px")
+    need(cfg.val_crop_size <= cfg.val_resize_size, f"--val-crop-size {cfg.val_crop_size} is larger than "
+         f"--val-resize-size {cfg.val_resize_size}: the centre crop would pad the images with black; give a crop at "
+         f"most the resize")
     number("grid", 1)
     heated = cfg.phase == "heated"                     # only the heated phase draws masks at the crop's size
     need(not heated or cfg.grid <= min(cfg.train_crop_size, cfg.val_crop_size),
@@ -543,7 +546,7 @@ def classification_metrics(probs: torch.Tensor, target: torch.Tensor) -> dict[st
     f1_den = 2 * tp + (predicted - tp) + (support - tp)
     f1 = torch.where(f1_den > 0, 2 * tp / f1_den.clamp(min=1), torch.zeros_like(tp))
     aucs = [binary_auroc(probs[:, k], target == k) for k in range(c) if 0 < support[k] < n]
-    entropy = (-torch.special.xlogy(probs, probs).sum(1).mean() / math.log(c)).clamp_min(0.0) if c > 1 else \
+    entropy = (-torch.special.xlogy(probs, probs).sum(1).mean() / math.log(c)).clamp_min(0.0).abs() if c > 1 else \
         torch.tensor(0.0)
     return {
         "acc": float(tp.sum() / n),
@@ -3002,6 +3005,11 @@ def log_header(cfg: Config, info: DistInfo, data: Data, log, malloc_tuned: bool 
     log(f"data: {cfg.data_path or 'built-in synthetic scans'} | {len(data.classes)} classes | "
         + " ".join(f"{s} {n}" for s, n in data.sizes.items())
         + f" | {data.steps_per_epoch} steps/epoch, effective batch {cfg.batch_size * info.world}")
+    counts = np.bincount(np.asarray(data.train.targets, dtype=np.int64), minlength=data.num_classes)
+    empty = [data.classes[k] if k < len(data.classes) else str(k) for k in np.flatnonzero(counts == 0)]
+    if empty:                   # e.g. .npz labels {0, 2}: class 1 exists only as an output no image trains
+        log(f"warning: {len(empty)} of {data.num_classes} classes have no training image (e.g. {empty[0]!r}): the "
+            f"classifier cannot learn them; check the labels (or --num-classes)")
     log(f"config (preset: {preset_name(cfg)}; differs from the paper's defaults: {differences_text(cfg)}) | "
         f"full config: {os.path.join(cfg.output_dir, CONFIG_JSON)}")
     log(f"writing to {cfg.output_dir}{os.sep}: {CHECKPOINT} every epoch, log.jsonl"
@@ -3298,6 +3306,10 @@ def claim_output_dir(cfg: Config, info: DistInfo, log):
                     raise UserError(f"--output-dir {cfg.output_dir} holds another run ({earlier[0]}) and --resume "
                                     f"{cfg.resume} is from elsewhere: continuing it here would overwrite that run; "
                                     f"give an --output-dir without a checkpoint")
+                kept = os.path.join(cfg.output_dir, EPOCH_WEIGHTS)
+                if cfg.average_last and os.path.lexists(kept) and (os.path.islink(kept) or not os.path.isdir(kept)):
+                    raise UserError(f"{kept} is in the way of --average-last's folder (a file or a link): move it "
+                                    f"away or choose another --output-dir")
                 log_path = os.path.join(cfg.output_dir, "log.jsonl")
                 if os.path.islink(log_path):
                     raise UserError(f"{log_path} is a symbolic link: pgnm.py does not write through links it did not "

@@ -858,6 +858,7 @@ BAD_FLAGS = [
     (["--bench", "--bench-e2e", "x"], "--bench and --bench-e2e: give one of them"),  # one ran, one was ignored
     (["--average", "a.pth", "--bench"], "--average and --bench: give one of them"),
     (["--bench-e2e", "no_such_dir"], "--bench-e2e no_such_dir does not exist"),          # it said --data-path
+    (["--val-crop-size", "48", "--val-resize-size", "32"], "--val-crop-size 48 is larger than --val-resize-size 32"),
     (["--bench-data", "x", "--bench-steps", "3"], "--bench-data does not read it"),
     (["--phase", "baseline", "--noise", "uniform"], "--noise not used by --phase baseline"),   # looked like Table 4
     (["--phase", "finetune", "--grid", "8"], "--grid not used by --phase finetune"),
@@ -2447,6 +2448,33 @@ def test_hidden_files_and_folders_are_not_images(tmp_path):
     ds = pgnm.ImageFolderDataset(str(tmp_path / "d" / "train"))
     assert len(ds) == 12 and not any(os.sep + "." in p for p, _ in ds.samples)
     assert all(ds[i][0].shape == (3, 16, 16) for i in range(len(ds)))
+
+
+def test_small_unhappy_paths_of_a_run(tmp_path, capsys):
+    """/dev/null as --output-dir; a file where --average-last keeps its weights (found only after an epoch's
+    training); classes no training image has (.npz labels {0, 2}); a '-0.0000' entropy; a '|' in a table label."""
+    assert pgnm.cli(["--output-dir", "/dev/null"]) == 2
+    assert "--output-dir /dev/null is a file, not a folder" in _one_error_line(capsys)
+    os.makedirs(tmp_path / "o")
+    (tmp_path / "o" / "epoch_weights").write_text("not a folder")
+    with pytest.raises(pgnm.UserError, match="epoch_weights is in the way of --average-last's folder"):
+        pgnm.main(tiny("baseline", output_dir=str(tmp_path / "o"), average_last=1))
+    assert not (tmp_path / "o" / "config.json").exists()
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 2] * 30)
+    np.savez(tmp_path / "gap.npz", images=rng.integers(0, 255, (60, 16, 16), dtype=np.uint8), labels=labels)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        pgnm.main(pgnm.make_config("baseline", data_path=str(tmp_path / "gap.npz"), output_dir=str(tmp_path / "g"),
+                                   model="resnet10t", train_crop_size=16, val_resize_size=16, val_crop_size=16,
+                                   batch_size=8, workers=0, device="cpu", val_split=0.2))
+    assert "warning: 1 of 3 classes have no training image (e.g. '1'): the classifier cannot learn them" \
+        in printed.getvalue()
+    sure = pgnm.classification_metrics(torch.eye(3)[[0, 1, 2, 0]], torch.tensor([0, 1, 2, 0]))
+    assert sure["entropy"] == 0.0 and math.copysign(1.0, sure["entropy"]) == 1.0 and f"{sure['entropy']:.4f}" == "0.0000"
+    table = ev.markdown_table({"d": {"mlp": {"a|b": {"f1_mean": 0.5, "f1_ci": 0.1}}, "task": "multiclass",
+                                     "n_samples": 3, "trials": 2}}, ["a|b"])
+    assert all(row.count("|") - row.count("\\|") == 3 for row in table.splitlines()), table
 
 
 def test_resume_never_overwrites_another_run_nor_trains_past_epochs(tmp_path):
