@@ -327,8 +327,8 @@ def validate_config(cfg: Config) -> None:
     for name in ("train_crop_size", "val_resize_size", "val_crop_size"):   # before --grid, which is compared to them
         number(name, 1, what="at least 1 px")
     need(cfg.val_crop_size <= cfg.val_resize_size, f"--val-crop-size {cfg.val_crop_size} is larger than "
-         f"--val-resize-size {cfg.val_resize_size}: the centre crop would pad the images with black; give a crop at "
-         f"most the resize")
+         f"--val-resize-size {cfg.val_resize_size}: the centre crop would pad the images with black; give "
+         f"--val-crop-size at most --val-resize-size")
     number("grid", 1)
     heated = cfg.phase == "heated"                     # only the heated phase draws masks at the crop's size
     need(not heated or cfg.grid <= min(cfg.train_crop_size, cfg.val_crop_size),
@@ -3287,10 +3287,12 @@ def claim_output_dir(cfg: Config, info: DistInfo, log):
         error = None
         if info.is_main:
             try:
-                if cfg.data_path and os.path.isdir(cfg.data_path) and \
-                        _inside(os.path.realpath(cfg.output_dir), os.path.realpath(cfg.data_path)):
-                    raise UserError(f"--output-dir {cfg.output_dir} lies inside --data-path {cfg.data_path}: its "
-                                    f"figures would be read as images of a class; choose a folder outside the data")
+                splits = [os.path.join(cfg.data_path, s) for s in ("train", "val", "test")] \
+                    if cfg.data_path and os.path.isdir(cfg.data_path) else []
+                inside = [s for s in splits if _inside(os.path.realpath(cfg.output_dir), os.path.realpath(s))]
+                if inside:
+                    raise UserError(f"--output-dir {cfg.output_dir} lies inside {inside[0]}: its figures would be "
+                                    f"read as images of a class; choose a folder outside the split folders")
                 try:
                     os.makedirs(cfg.output_dir, exist_ok=True)
                 except OSError as e:
@@ -3353,6 +3355,10 @@ def run_phase(cfg: Config, info: DistInfo) -> dict:
             last = train_epochs(run, state, data, start, log, preemption)
             if not last and ckpt is not None:
                 log(f"nothing to train: {ckpt_path} already finished {cfg.epochs} epochs")
+                here = os.path.join(cfg.output_dir, CHECKPOINT)
+                if info.is_main and not os.path.lexists(here):   # --resume OTHER into a new folder: keep it resumable
+                    with open(ckpt_path, "rb") as fh:
+                        write_atomic(here, fh.read())
             final = finish(run, state, data, last, log)
             if info.is_main:
                 why_not = save_curves(os.path.join(cfg.output_dir, "log.jsonl"), os.path.join(cfg.output_dir,
@@ -3763,7 +3769,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
                                                             "them on your data)" if do_bench else ""))
                               + "; drop the flag")
     phase = phase or "heated"
-    if not (average or modes):
+    if not average:
         unread = unread_flags(phase, args)
         if unread:                              # e.g. --phase baseline --noise uniform is no Table 4 ablation
             by: dict[str, list[str]] = {}

@@ -1689,7 +1689,7 @@ def unread_flags(a: argparse.Namespace, given: set) -> list[str]:
             out.append(f"{flag} only goes with {'--make-demo' if k == 'demo_per_class' else '--demo-report'}")
         elif not mode and k == "allow_missing" and not a.split_csv_dir:
             out.append(f"{flag} only goes with --split-csv-dir")
-        elif not mode and k == "ratios" and a.split_csv_dir:
+        elif not mode and k in ("ratios", "seed") and a.split_csv_dir:
             out.append(f"{flag} is not read with --split-csv-dir (the CSVs give the splits)")
         elif not mode and k in ("colour_threshold", "black_level", "halo") and (a.no_clean or a.correction_masks):
             out.append(f"{flag} is not read with {'--no-clean' if a.no_clean else '--correction-masks'} "

@@ -2500,6 +2500,9 @@ def test_small_unhappy_paths_of_a_run(tmp_path, capsys):
     training); classes no training image has (.npz labels {0, 2}); a '-0.0000' entropy; a '|' in a table label."""
     assert pgnm.cli(["--output-dir", "/dev/null"]) == 2
     assert "--output-dir /dev/null is a file, not a folder" in _one_error_line(capsys)
+    with pytest.raises(SystemExit, match="2"):                                  # the bench modes too
+        pgnm.cli(["--bench", "--amp-dtype", "float16"])
+    assert "--amp-dtype not used by a run without --amp" in _one_error_line(capsys)
     os.makedirs(tmp_path / "o")
     (tmp_path / "o" / "epoch_weights").write_text("not a folder")
     with pytest.raises(pgnm.UserError, match="epoch_weights is in the way of --average-last's folder"):
@@ -2538,6 +2541,12 @@ def test_resume_never_overwrites_another_run_nor_trains_past_epochs(tmp_path):
         pgnm.main(tiny("baseline", output_dir=str(tmp_path / "a"), epochs=1, resume="auto"))
     with pytest.raises(pgnm.UserError, match=r"has 24 classifier outputs, this run 30 \(--num-classes"):
         pgnm.main(tiny("baseline", output_dir=str(tmp_path / "a"), epochs=3, resume="auto", num_classes=30))
+    # Nothing left to train, continued into a new folder: the folder gets the checkpoint, so --resume auto there
+    # continues the run instead of starting afresh over its model file.
+    with contextlib.redirect_stdout(io.StringIO()):
+        pgnm.main(tiny("baseline", output_dir=str(tmp_path / "new"), epochs=2,
+                       resume=str(tmp_path / "a" / "checkpoint.pth")))
+    assert (tmp_path / "new" / "checkpoint.pth").read_bytes() == before
     assert (tmp_path / "a" / "checkpoint.pth").read_bytes() == before
 
 
@@ -2545,12 +2554,13 @@ def test_output_dir_inside_the_data_and_a_warm_up_as_long_as_the_run(tmp_path):
     _small_tree(tmp_path / "d")
     kw = dict(data_path=str(tmp_path / "d"), model="resnet10t", train_crop_size=16, val_resize_size=16,
               val_crop_size=16, batch_size=4, workers=0, device="cpu", print_freq=1000)
-    with pytest.raises(pgnm.UserError, match="lies inside --data-path .* would be read as images of a class"):
+    with pytest.raises(pgnm.UserError, match="lies inside .*train: its figures would be read as images of a class"):
         pgnm.main(pgnm.make_config("baseline", output_dir=str(tmp_path / "d" / "train" / "run1"), **kw))
     assert not (tmp_path / "d" / "train" / "run1").exists()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        pgnm.main(pgnm.make_config("baseline", output_dir=str(tmp_path / "ft"), epochs=2, lr_warmup_epochs=2, **kw))
+        pgnm.main(pgnm.make_config("baseline", output_dir=str(tmp_path / "d" / "runs" / "ft"), epochs=2,   # beside
+                                   lr_warmup_epochs=2, **kw))                                   # the splits: fine
     assert "warning: --lr-warmup-epochs 2 is not shorter than --epochs 2: the lr never leaves its warm-up" \
         in printed.getvalue()
 
@@ -3943,6 +3953,7 @@ def _bad_input_cases(raw_tree, tmp):
         (run + ["--halo", "9"], "--halo"),
         (["--data-path", raw_tree, "--output-dir", raw_tree], "is the data root"),       # wrote next to radiology_ai/
         (run + ["--allow-missing"], "--allow-missing only goes with --split-csv-dir"),      # flags that were ignored
+        (run + ["--split-csv-dir", str(tmp), "--seed", "3"], "--seed is not read with --split-csv-dir"),
         (run + ["--no-clean", "--halo", "2"], "--halo is not read with --no-clean"),
         (run + ["--demo-frames", "5"], "--demo-frames only goes with --demo-report"),
         (["--make-demo", str(tmp / "d1"), "--workers", "3"], "--workers is not read by --make-demo"),
