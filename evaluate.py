@@ -197,8 +197,7 @@ def train_probe(model: nn.Module, xtr, ytr, xva, yva, task: Task, seed: int, bat
 
 def train_mlp(xtr, ytr, xva, yva, task: Task, seed: int, hidden: int = 1024, batch_size: int = MLP_BATCH, **kw):
     """The MLP probe: a randomly initialised Linear(d, hidden)-BN-ReLU-Linear trained by train_probe."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with pgnm.cpu_rng(seed):
         mlp = nn.Sequential(nn.Linear(xtr.shape[1], hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
                             nn.Linear(hidden, task.n_out))
     return train_probe(mlp.to(xtr.device), xtr, ytr, xva, yva, task, seed, batch_size, **kw)

@@ -759,6 +759,16 @@ def load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+@contextlib.contextmanager
+def cpu_rng(seed: int):
+    """torch's CPU random stream seeded with `seed` inside the block and restored after it. The CPU generator only:
+    torch.manual_seed would also reseed every GPU's generator (unrestored, and the same on every rank), and costs
+    ~0.5 ms a call (it records a stack trace for CUDA's lazy init) -- a third of a loader worker's time per image."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
     """A well-mixed 63-bit seed that is a function of (stream, seed, epoch, index) only. Stream 0 seeds one sample's
     augmentation, so results do not depend on the number of loader workers or on where a run was stopped and
@@ -805,8 +815,7 @@ class AugmentedDataset(torch.utils.data.Dataset):
             if epoch is None:
                 img = self.transform(img)
             else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(self.seed, epoch, i))
+                with cpu_rng(sample_seed(self.seed, epoch, i)):
                     img = self.transform(img)
         return img, self.targets[i]
 
@@ -1888,6 +1897,7 @@ class Run:
     scaler: torch.amp.GradScaler | None = None
     mixup: Callable | None = None
     data_id: dict | None = None      # data_fingerprint of the training data, saved with every checkpoint
+    buffers: "BufferCopy | None" = field(default=None, repr=False)   # the buffers as before this step (train_step)
 
     @property
     def model_raw(self) -> nn.Module:
@@ -1999,13 +2009,13 @@ def compute_loss(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor) -
 
 def grad_norm(run: Run) -> torch.Tensor:
     """Total gradient norm of both networks, each clipped to --clip-grad-norm when given (as the authors), else one
-    fused norm. Its finiteness decides whether the step is taken."""
-    nets = run.networks()
+    fused norm over the optimisers' parameters (lists: no module walk). Its finiteness decides whether the step is
+    taken."""
     if run.cfg.clip_grad_norm is not None:
         norms = [nn.utils.clip_grad_norm_([p for p in n.parameters() if p.grad is not None], run.cfg.clip_grad_norm)
-                 for n in nets]
+                 for n in run.networks()]
         return torch.stack([n.float() for n in norms]).sum()
-    grads = [p.grad for n in nets for p in n.parameters() if p.grad is not None]
+    grads = [p.grad for o in run.optimizers() for g in o.param_groups for p in g["params"] if p.grad is not None]
     if not grads:
         return torch.zeros((), device=run.info.device)
     if hasattr(nn.utils, "get_total_norm"):
@@ -2013,29 +2023,77 @@ def grad_norm(run: Run) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def snapshot_buffers(nets: Sequence[nn.Module]) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """A copy of every buffer (BatchNorm running statistics and counts: a forward pass in training mode updates them),
-    so that a skipped step can put them back. One multi-tensor copy per dtype."""
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
-    for net in nets:
-        for b in net.buffers():
-            groups.setdefault(b.dtype, []).append(b)
-    return [(bufs, torch._foreach_mul(bufs, 1)) for bufs in groups.values()]   # x * 1 keeps -0.0 and NaN bits
+class BufferCopy:
+    """A copy of every buffer of some networks (BatchNorm running statistics and counts: a training-mode forward
+    updates them), refreshed before each step so that a skipped step can put them back. The copies are allocated once
+    (an allocation per buffer per step cost ~1 ms on a GPU host) and refreshed by one multi-tensor copy per dtype."""
 
+    def __init__(self, nets: Sequence[nn.Module]):
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for net in nets:
+            for b in net.buffers():
+                groups.setdefault(b.dtype, []).append(b)
+        self.key = [id(n) for n in nets]
+        self.groups = [(bufs, [b.clone() for b in bufs]) for bufs in groups.values()]
 
-def restore_buffers(snapshot: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> None:
-    for bufs, saved in snapshot:
+    @staticmethod
+    def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         if hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_(bufs, saved)
+            torch._foreach_copy_(dst, src)
         else:
-            for b, s in zip(bufs, saved):
-                b.copy_(s)
+            for d, s in zip(dst, src):
+                d.copy_(s)
+
+    def take(self) -> None:
+        for bufs, saved in self.groups:
+            self._copy(saved, bufs)
+
+    def restore(self) -> None:
+        for bufs, saved in self.groups:
+            self._copy(bufs, saved)
+
+
+def buffer_copy(run: Run) -> BufferCopy:
+    """The run's BufferCopy, made at its first step (and again if its networks were replaced), freshly taken."""
+    nets = run.networks()
+    if run.buffers is None or run.buffers.key != [id(n) for n in nets]:
+        run.buffers = BufferCopy(nets)
+    run.buffers.take()
+    return run.buffers
+
+
+def rank_flags(flags: Sequence, device: torch.device) -> torch.Tensor:
+    """Each flag (a bool or a 0-d tensor) summed over all ranks, left on the device (> 0: set on some rank)."""
+    return all_reduce_sum(torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags]))
 
 
 def any_rank(flags: Sequence, device: torch.device) -> list[bool]:
-    """Each flag (a bool or a 0-d tensor) OR-ed over all ranks: one all-reduce, one device sync."""
-    t = torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags])
-    return (all_reduce_sum(t) > 0).tolist()
+    """Each flag OR-ed over all ranks: one all-reduce, one device sync."""
+    return (rank_flags(flags, device) > 0).tolist()
+
+
+def skips_on_device(run: Run) -> bool:
+    """Whether every optimiser is fused SGD (CUDA), whose kernel can skip a step itself (see step_unless)."""
+    return all(g.get("fused") and not g["dampening"] for o in run.optimizers() for g in o.param_groups)
+
+
+def step_unless(optimizers: Sequence[torch.optim.Optimizer], bad: torch.Tensor) -> None:
+    """Fused SGD steps that the kernel skips by itself where `bad` (0-d, on the device) is nonzero -- weights and
+    momentum untouched -- so the step is queued before the host has read whether it is good, and the GPU does not
+    idle while the host decides. Momentum buffers that do not exist yet are made zero first: the fused first step
+    fills an uninitialised buffer, and a skipped first step would leave it so (with dampening 0, m = 0.9 * 0 + g is
+    the first step's m = g exactly)."""
+    for opt in optimizers:
+        if not opt.state:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if group["momentum"] and p.grad is not None:
+                        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        opt.found_inf = bad
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
 
 
 def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
@@ -2046,10 +2104,11 @@ def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
     BatchNorm statistics and alpha_d/beta_d stay as they were, and the step is counted. Under fp16 a finite loss with
     overflowing gradients is GradScaler's ordinary skip (its scale is lowered, counted in amp_skipped); a non-finite
     loss leaves the scale as it was too. The same all-reduce carries
-    `stop_pending` (a pre-emption signal on this rank), so all ranks agree to stop after the same step."""
+    `stop_pending` (a pre-emption signal on this rank), so all ranks agree to stop after the same step. The host reads
+    it once per step: with fused SGD (CUDA) after the optimiser steps are queued (step_unless), else before them."""
     if run.cfg.compile and run.cfg.compile_mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()   # a new step: the CUDA graphs may reuse the last step's memory
-    buffers = snapshot_buffers(run.networks())
+    buffers = buffer_copy(run)
     fwd = compute_loss(run, state, x, y)
     for opt in run.optimizers():
         opt.zero_grad(set_to_none=True)
@@ -2057,18 +2116,22 @@ def train_step(run: Run, state: StepState, x: torch.Tensor, y: torch.Tensor,
     if run.scaler is not None:
         for opt in run.optimizers():
             run.scaler.unscale_(opt)
-    norm = grad_norm(run)
-    loss_bad, grad_bad, stop = any_rank([~torch.isfinite(fwd.loss.detach()), ~torch.isfinite(norm), stop_pending],
-                                        run.info.device)
+    flags = rank_flags([~torch.isfinite(fwd.loss.detach()), ~torch.isfinite(grad_norm(run)), stop_pending],
+                       run.info.device)
+    on_device = skips_on_device(run)
+    if on_device:
+        step_unless(run.optimizers(), (flags[:2].sum() > 0).float())
+    loss_bad, grad_bad, stop = (flags > 0).tolist()                               # the step's one host sync
     taken = not (loss_bad or grad_bad)
     if taken:
-        for opt in run.optimizers():
-            run.scaler.step(opt) if run.scaler is not None else opt.step()
+        if not on_device:
+            for opt in run.optimizers():
+                run.scaler.step(opt) if run.scaler is not None else opt.step()
         if fwd.next_d is not None:
             state.alpha_d, state.beta_d = fwd.next_d                                 # eq. 12-13, committed
         state.bad_in_a_row = 0
     else:
-        restore_buffers(buffers)
+        buffers.restore()
         if run.scaler is not None and not loss_bad:
             state.amp_skipped += 1
         else:
@@ -2155,8 +2218,7 @@ def device_batch(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int, step: i
     x = x.to(run.info.device, non_blocking=True)
     y = y.to(run.info.device, non_blocking=True)
     if run.mixup is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(run.cfg.seed, epoch, step, stream=2))
+        with cpu_rng(sample_seed(run.cfg.seed, epoch, step, stream=2)):    # MixUp/CutMix draw on the CPU
             x, y = run.mixup(x, y)
     if run.cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -758,6 +758,33 @@ def test_augmentation_is_a_function_of_seed_epoch_index():
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
 
 
+def test_seeding_a_sample_or_a_batch_draws_as_manual_seed_on_the_cpu_and_never_reseeds_a_gpu(monkeypatch):
+    """cpu_rng draws what torch.manual_seed draws on the CPU (runs from before it augment alike) and restores the
+    caller's stream; the loader's per-image seed and the batch's MixUp/CutMix seed never reach a GPU generator
+    (torch.manual_seed reseeded them every step, the same on every rank, and cost a third of a worker's time)."""
+    torch.manual_seed(11)
+    want = torch.rand(5)
+    state = torch.get_rng_state()
+    with pgnm.cpu_rng(11):
+        got = torch.rand(5)
+    assert torch.equal(got, want) and torch.equal(torch.get_rng_state(), state)
+
+    def reseeded(*a):
+        raise AssertionError("a GPU generator was reseeded")
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded)
+    images, labels, classes = pgnm.synthetic_arrays(1, 32, 0, "train")
+    ds = pgnm.ArrayDataset(images, labels, classes, pgnm.build_transform(tiny(), True), seed=5)
+    assert not torch.equal(ds[(0, 1)][0], ds[(1, 1)][0])
+    cfg = tiny("finetune", mixup_alpha=0.2, cutmix_alpha=1.0)
+    model = pgnm.build_model("resnet10t", 4)
+    run = pgnm.Run(cfg, pgnm.DistInfo(), model, torch.optim.SGD(model.parameters(), 0.1),
+                   mixup=pgnm.build_mixup(cfg, 4))
+    x, y = torch.rand(4, 3, 8, 8), torch.arange(4)
+    (x1, y1), (x2, _) = pgnm.device_batch(run, x, y, 0, 3), pgnm.device_batch(run, x, y, 0, 3)
+    assert torch.equal(x1, x2) and y1.shape == (4, 4) and not torch.equal(x1, x)
+
+
 def test_train_sampler_splits_ranks_and_resumes():
     full = [list(pgnm.TrainSampler(50, 4, r, 2, seed=1)) for r in range(2)]
     assert len(full[0]) == len(full[1]) == 24                          # 25 per rank -> 6 full batches
@@ -2365,12 +2392,22 @@ def _same(a, b):
     return eq(a, b)
 
 
-def test_a_skipped_step_leaves_every_state_as_it_was(monkeypatch):
+def _fused_sgd(monkeypatch, fused: bool):
+    """Build runs with fused SGD on the CPU too (CUDA's default), whose kernel skips a bad step by itself."""
+    if fused:
+        monkeypatch.setattr(pgnm, "sgd_implementation", lambda device: {"fused": True, "foreach": None})
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-decides", "fused-kernel-skips"])
+def test_a_skipped_step_leaves_every_state_as_it_was(monkeypatch, fused):
     """The heated step whose forward ran (BatchNorm statistics updated) but whose loss is NaN: weights, BatchNorm
     buffers, momentum, GradScaler and alpha_d/beta_d are bit for bit as before. A finite loss with overflowing
-    gradients is GradScaler's own skip: only its scale changes (halved)."""
+    gradients is GradScaler's own skip: only its scale changes (halved). Both ways of skipping: the host reads the
+    flags before stepping (default SGD), or queues fused steps that the kernel skips (fused SGD, as on CUDA)."""
+    _fused_sgd(monkeypatch, fused)
     torch.manual_seed(0)
     run, state = _tiny_run()
+    assert pgnm.skips_on_device(run) == fused
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
     assert pgnm.train_step(run, state, x, y)[1]                 # a good step: momentum buffers exist
@@ -2389,6 +2426,52 @@ def test_a_skipped_step_leaves_every_state_as_it_was(monkeypatch):
     assert not taken and state.amp_skipped == 1 and state.bad_in_a_row == 1
     assert after["scaler"]["scale"] == before["scaler"]["scale"] / 2
     assert _same({k: v for k, v in after.items() if k != "scaler"}, {k: v for k, v in before.items() if k != "scaler"})
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-decides", "fused-kernel-skips"])
+def test_a_bad_first_step_then_a_good_one_equals_a_good_first_step(monkeypatch, fused):
+    """The very first step skipped (no momentum yet), then a good one: weights and momentum exactly those of a run
+    whose first step was the good one. (A fused kernel that skips its first step would leave the momentum buffer it
+    allocated uninitialised; step_unless makes it zero first.)"""
+    _fused_sgd(monkeypatch, fused)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    real = pgnm.paper_objective
+    ends = []
+    for bad_first in (False, True):
+        torch.manual_seed(0)
+        run, state = _tiny_run()
+        run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        if bad_first:
+            monkeypatch.setattr(pgnm, "paper_objective", lambda logp, ce: real(logp, ce) * float("nan"))
+            assert not pgnm.train_step(run, state, x, y)[1]
+            monkeypatch.setattr(pgnm, "paper_objective", real)
+        torch.manual_seed(1)
+        assert pgnm.train_step(run, state, x, y)[1]
+        ends.append(_everything(run, state) | {"scaler": None})
+    assert _same(ends[0], ends[1])
+    assert all(torch.isfinite(s["momentum_buffer"]).all() for o in ends[1]["opts"] for s in o["state"].values())
+
+
+def test_fused_sgd_steps_equal_default_sgd_steps_across_a_skipped_step(monkeypatch):
+    """Three heated steps, the second one NaN, with fused SGD (the kernel skips) and with default SGD (the host
+    skips): the same weights and momentum to float32 rounding."""
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    real = pgnm.paper_objective
+    ends = []
+    for fused in (False, True):
+        _fused_sgd(monkeypatch, fused)
+        torch.manual_seed(0)
+        run, state = _tiny_run()
+        for i in range(3):
+            monkeypatch.setattr(pgnm, "paper_objective", (lambda logp, ce: real(logp, ce) * float("nan"))
+                                if i == 1 else real)
+            torch.manual_seed(10 + i)
+            assert pgnm.train_step(run, state, x + i, y)[1] == (i != 1)
+        ends.append([p.detach().clone() for p in run.parameters()]
+                    + [s["momentum_buffer"] for o in run.optimizers() for s in o.state.values()])
+    assert len(ends[0]) == len(ends[1])
+    for a, b in zip(*ends):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_a_checkpoint_holding_nan_is_never_written(tmp_path):

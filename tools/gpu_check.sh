@@ -105,12 +105,12 @@ head -c 2000 "$LOG" | grep -E "^(GPU|torch|gpus|[0-9]+$)" | sed 's/^/    /' | te
 # 1. the GPU tests (and the CPU tests of the same subjects)
 step "pytest -k '$TEST_K'" 240 -- "$PY" -m pytest -q -p no:cacheprovider test_pgnm.py -k "$TEST_K"
 
-# 2. --bench: with no --device (used to crash), fp16 on cuda:0, bf16, compile, the policy at 112 px
+# 2. --bench: with no --device (used to crash), fp16 on cuda:0, bf16, the policy at 112 px (compile: optional, below)
 step "bench fp32, no --device" 90 -- "$PY" pgnm.py --bench $BENCH
 step "bench --amp (fp16, channels-last by default) --device cuda:0" 90 -- "$PY" pgnm.py --bench $BENCH $DEV0 --amp
 step "bench --amp --amp-dtype bfloat16" 90 -- "$PY" pgnm.py --bench $BENCH --amp --amp-dtype bfloat16
-step "bench --amp --amp-dtype bfloat16 --compile" 240 -- "$PY" pgnm.py --bench $BENCH --amp --amp-dtype bfloat16 \
-    --compile
+step "bench --amp --amp-dtype bfloat16 --policy-size 112" 90 -- "$PY" pgnm.py --bench $BENCH --amp --amp-dtype bfloat16 \
+    --policy-size 112
 step "bench --amp --policy-size 112" 90 -- "$PY" pgnm.py --bench $BENCH --amp --policy-size 112
 
 step "torchrun --bench (1 process, small)" 90 -- "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
@@ -133,23 +133,23 @@ step "bench-e2e bf16, 8 workers" 120 -- "$PY" pgnm.py --bench-e2e "$WORK/pngs" $
     --workers 8 --output-dir "$RUNS/e2e"
 
 # 5. optional, while the budget lasts: more speed figures and entry points
-step "bench --amp --amp-dtype bfloat16 --compile --policy-size 112" 200 optional 60 -- "$PY" pgnm.py --bench $BENCH \
+step "bench --amp --amp-dtype bfloat16 --compile --policy-size 112" 200 optional 90 -- "$PY" pgnm.py --bench $BENCH \
     --amp --amp-dtype bfloat16 --compile --policy-size 112
-step "bench --amp --compile (fp16)" 200 optional 70 -- "$PY" pgnm.py --bench $BENCH --amp --compile
 step "bench-e2e bf16, 4 workers" 120 optional 30 -- "$PY" pgnm.py --bench-e2e "$WORK/pngs" $E2E --amp \
     --amp-dtype bfloat16 --workers 4 --output-dir "$RUNS/e2e"
 step "bench-e2e bf16, 12 workers" 120 optional 30 -- "$PY" pgnm.py --bench-e2e "$WORK/pngs" $E2E --amp \
     --amp-dtype bfloat16 --workers 12 --output-dir "$RUNS/e2e"
-step "bench-data, 8 workers" 90 optional 20 -- "$PY" pgnm.py --bench-data "$WORK/pngs" $BDATA --workers 8
-step "heated --amp --compile (2 epochs)" 200 optional 60 -- "$PY" pgnm.py --phase heated --amp --compile --epochs 2 \
-    $TINY $MASK --output-dir "$RUNS/compiled"
 step "heated --amp --deterministic, twice, identical weights" 120 optional 30 -- bash -c "for r in a b; do \
     \"$PY\" pgnm.py --phase heated --amp --deterministic --epochs 1 $TINY $MASK --output-dir '$RUNS/det_'\$r || exit 1; done; \
     \"$PY\" -c \"import torch; a, b = (torch.load('$RUNS/det_' + r + '/model_heated.pth', weights_only=True) \
 for r in 'ab'); same = all(torch.equal(a[k], b[k]) for k in a); print('CHECK: deterministic runs identical:', same); \
 raise SystemExit(0 if same else 1)\""
+step "bench-data, 8 workers" 90 optional 20 -- "$PY" pgnm.py --bench-data "$WORK/pngs" $BDATA --workers 8
+step "heated --amp --compile (2 epochs)" 200 optional 60 -- "$PY" pgnm.py --phase heated --amp --compile --epochs 2 \
+    $TINY $MASK --output-dir "$RUNS/compiled"
 step "bench --amp --amp-dtype bfloat16 --compile --compile-mode reduce-overhead (CUDA graphs)" 200 optional 70 -- \
     "$PY" pgnm.py --bench $BENCH --amp --amp-dtype bfloat16 --compile --compile-mode reduce-overhead
+step "bench --amp --compile (fp16)" 200 optional 70 -- "$PY" pgnm.py --bench $BENCH --amp --compile
 step "bench --amp --no-channels-last" 90 optional 25 -- "$PY" pgnm.py --bench $BENCH --amp --no-channels-last
 
 # the ratios of every bench line, one row each
