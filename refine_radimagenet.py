@@ -245,8 +245,9 @@ class CleanParams:
 
 def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.ndarray, np.ndarray]:
     """(fan, hull): the scanner's image area, from the frame itself. Non-black pixels, opened (annotation in the
-    margin is thinner than the opening), holes filled (anechoic regions), plus the opened area's convex hull (an
-    anechoic region on the fan's edge is still inside it). Then each piece of non-black left outside that touches it
+    margin is thinner than the opening), holes filled (anechoic regions), plus the convex hull of the opened area's
+    large parts and of what lies within 2 * fan_open px of them (an anechoic region on the fan's edge is still inside
+    it, and so is a corner of tissue that it cut off). Then each piece of non-black left outside that touches it
     is decided whole: tissue if it lies within fan_open + 2 px of the hull (corners the opening rounded off) or if it
     is a solid patch (an acute corner, or one that a dark region cut off from the rest: 40% of its pixels have all 8
     neighbours in it, or 25% if it is no brighter than fan_dim); annotation otherwise (text or a ruler that touches
@@ -260,6 +261,8 @@ def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.n
     for k in np.flatnonzero(area[1:] * step * step >= p.fan_min_area * core.size) + 1:
         part = np.kron(small == k, np.ones((step, step), bool))[:core.shape[0], :core.shape[1]]
         hull |= convex_hull(core & grow_mask(part, step))
+    if hull.any():                                         # with the corners a dark region cut off from the rest
+        hull = convex_hull(core & grow_mask(hull, 2 * p.fan_open))
     fan = fill_holes(core) | hull
     band = grow_mask(hull, p.fan_open + 2)
     pieces, n = label_components(nonblack & ~fan)
