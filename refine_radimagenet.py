@@ -526,6 +526,16 @@ def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
     return grow_within(seeds & valid, (z > p.grow_contrast) & valid, p.grow_steps)
 
 
+RIM_CONTRAST, RIM_LEVEL = 1.0, 120    # beyond the halo, pixels above this contrast and grey level join a detection
+
+
+def stroke_rim(found, z, grey, tissue) -> np.ndarray:
+    """The tissue pixels next to what was found (halo included) that still look like annotation: above RIM_CONTRAST
+    and brighter than RIM_LEVEL (burned-in strokes are light grey to white; their anti-aliased and resampled edges
+    spread a px further than the halo where they are thick or bright). One px only: speckle beside a stroke stays."""
+    return grow_mask(found, 1) & ~found & tissue & (z > RIM_CONTRAST) & (grey > RIM_LEVEL)
+
+
 def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dict, np.ndarray, np.ndarray]:
     """({detector: mask of what it found}, fan, hull) of an ultrasound frame (H, W, 3) uint8."""
     x = rgb.astype(np.int16)
@@ -544,13 +554,15 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
              "calipers": caliper_lines(z, inner, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
              "marks": small_marks(z, inner, p)}
     parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
+    parts["rim"] = stroke_rim(grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), z, grey, tissue)
     return parts, fan, hull
 
 
 def detect_artifacts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.ndarray, np.ndarray]:
     """(mask of pixels to replace, tissue region for the fill) of an ultrasound frame (H, W, 3) uint8."""
     parts, fan, hull = artifact_parts(rgb, p)
-    return grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), fan & grow_mask(hull, 1)
+    rim = parts.pop("rim")                                # grown already: no halo around it
+    return grow_mask(np.logical_or.reduce(list(parts.values())), p.halo) | rim, fan & grow_mask(hull, 1)
 
 
 def _fill_offsets(radii=(3, 4, 5, 7, 9, 12, 16, 21, 28, 37, 49, 64, 85), angles: int = 16) -> list[tuple[int, int]]:
