@@ -421,7 +421,7 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
 
 TEXT_STRONG = (0.40, 7.5)               # a word has a window past one of these (fill, alternations); speckle that
                                         # passes the seed test barely does
-TEXT_SIDES = 0.22                       # both halves of a window this share of bright pixels: not past a word's end
+TEXT_SIDES = 0.26                       # both halves of a window this share of bright pixels: not past a word's end
 TEXT_LETTER = 1.5                       # of a text window, the pixels above this contrast are replaced, with their rim
 TEXT_GROUND = 0.2                       # mean contrast of the non-bright pixels among letters: plain tissue
 
