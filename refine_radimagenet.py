@@ -416,7 +416,7 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
             s = s[bridged]
             out[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)] = True
             near = grow_mask(out, 1)
-    return out | (grow_mask(out, 1) & (z > p.caliper_peak - 0.5) & valid)
+    return out                                            # (the bright pixels beside it join as the rim)
 
 
 TEXT_STRONG = (0.40, 7.5)               # a word has a window past one of these (fill, alternations); speckle that
