@@ -245,8 +245,9 @@ class CleanParams:
 
 def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.ndarray, np.ndarray]:
     """(fan, hull): the scanner's image area, from the frame itself. Non-black pixels, opened (annotation in the
-    margin is thinner than the opening), holes filled (anechoic regions), plus the opened area's convex hull (an
-    anechoic region on the fan's edge is still inside it). Then each piece of non-black left outside that touches it
+    margin is thinner than the opening), holes filled (anechoic regions), plus the convex hull of the opened area's
+    large parts and of what lies within 2 * fan_open px of them (an anechoic region on the fan's edge is still inside
+    it, and so is a corner of tissue that it cut off). Then each piece of non-black left outside that touches it
     is decided whole: tissue if it lies within fan_open + 2 px of the hull (corners the opening rounded off) or if it
     is a solid patch (an acute corner, or one that a dark region cut off from the rest: 40% of its pixels have all 8
     neighbours in it, or 25% if it is no brighter than fan_dim); annotation otherwise (text or a ruler that touches
@@ -260,6 +261,8 @@ def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.n
     for k in np.flatnonzero(area[1:] * step * step >= p.fan_min_area * core.size) + 1:
         part = np.kron(small == k, np.ones((step, step), bool))[:core.shape[0], :core.shape[1]]
         hull |= convex_hull(core & grow_mask(part, step))
+    if hull.any():                                         # with the corners a dark region cut off from the rest
+        hull = convex_hull(core & grow_mask(hull, 2 * p.fan_open))
     fan = fill_holes(core) | hull
     band = grow_mask(hull, p.fan_open + 2)
     pieces, n = label_components(nonblack & ~fan)
@@ -413,12 +416,12 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
             s = s[bridged]
             out[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)] = True
             near = grow_mask(out, 1)
-    return out | (grow_mask(out, 1) & (z > p.caliper_peak - 0.5) & valid)
+    return out                                            # (the bright pixels beside it join as the rim)
 
 
 TEXT_STRONG = (0.40, 7.5)               # a word has a window past one of these (fill, alternations); speckle that
                                         # passes the seed test barely does
-TEXT_SIDES = 0.22                       # both halves of a window this share of bright pixels: not past a word's end
+TEXT_SIDES = 0.26                       # both halves of a window this share of bright pixels: not past a word's end
 TEXT_LETTER = 1.5                       # of a text window, the pixels above this contrast are replaced, with their rim
 TEXT_GROUND = 0.2                       # mean contrast of the non-bright pixels among letters: plain tissue
 
@@ -523,6 +526,16 @@ def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
     return grow_within(seeds & valid, (z > p.grow_contrast) & valid, p.grow_steps)
 
 
+RIM_CONTRAST, RIM_LEVEL = 1.0, 120    # beyond the halo, pixels above this contrast and grey level join a detection
+
+
+def stroke_rim(found, z, grey, tissue) -> np.ndarray:
+    """The tissue pixels next to what was found (halo included) that still look like annotation: above RIM_CONTRAST
+    and brighter than RIM_LEVEL (burned-in strokes are light grey to white; their anti-aliased and resampled edges
+    spread a px further than the halo where they are thick or bright). One px only: speckle beside a stroke stays."""
+    return grow_mask(found, 1) & ~found & tissue & (z > RIM_CONTRAST) & (grey > RIM_LEVEL)
+
+
 def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dict, np.ndarray, np.ndarray]:
     """({detector: mask of what it found}, fan, hull) of an ultrasound frame (H, W, 3) uint8."""
     x = rgb.astype(np.int16)
@@ -541,13 +554,15 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
              "calipers": caliper_lines(z, inner, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
              "marks": small_marks(z, inner, p)}
     parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
+    parts["rim"] = stroke_rim(grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), z, grey, tissue)
     return parts, fan, hull
 
 
 def detect_artifacts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.ndarray, np.ndarray]:
     """(mask of pixels to replace, tissue region for the fill) of an ultrasound frame (H, W, 3) uint8."""
     parts, fan, hull = artifact_parts(rgb, p)
-    return grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), fan & grow_mask(hull, 1)
+    rim = parts.pop("rim")                                # grown already: no halo around it
+    return grow_mask(np.logical_or.reduce(list(parts.values())), p.halo) | rim, fan & grow_mask(hull, 1)
 
 
 def _fill_offsets(radii=(3, 4, 5, 7, 9, 12, 16, 21, 28, 37, 49, 64, 85), angles: int = 16) -> list[tuple[int, int]]:
