@@ -2023,6 +2023,12 @@ def grad_norm(run: Run) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
+def buffers_key(nets: Sequence[nn.Module]) -> list[tuple[int, int]]:
+    """Which networks and buffers a BufferCopy holds: a network replaced, or moved (`.to()` makes new buffer tensors,
+    the first one included), gets a new key."""
+    return [(id(n), id(next(n.buffers(), None))) for n in nets]
+
+
 class BufferCopy:
     """A copy of every buffer of some networks (BatchNorm running statistics and counts: a training-mode forward
     updates them), refreshed before each step so that a skipped step can put them back. The copies are allocated once
@@ -2033,7 +2039,7 @@ class BufferCopy:
         for net in nets:
             for b in net.buffers():
                 groups.setdefault(b.dtype, []).append(b)
-        self.key = [id(n) for n in nets]
+        self.key = buffers_key(nets)
         self.groups = [(bufs, [b.clone() for b in bufs]) for bufs in groups.values()]
 
     @staticmethod
@@ -2054,9 +2060,10 @@ class BufferCopy:
 
 
 def buffer_copy(run: Run) -> BufferCopy:
-    """The run's BufferCopy, made at its first step (and again if its networks were replaced), freshly taken."""
+    """The run's BufferCopy, made at its first step (and again if its networks were replaced or moved), freshly
+    taken."""
     nets = run.networks()
-    if run.buffers is None or run.buffers.key != [id(n) for n in nets]:
+    if run.buffers is None or run.buffers.key != buffers_key(nets):
         run.buffers = BufferCopy(nets)
     run.buffers.take()
     return run.buffers
@@ -3543,21 +3550,25 @@ def bench_variants(cfg: Config, info: DistInfo) -> tuple[Run, dict[str, Callable
 
 
 def time_interleaved(variants: dict[str, Callable], rounds: int, warmup: int, dev: torch.device
-                     ) -> dict[str, np.ndarray]:
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Milliseconds of each variant per round, the variants run one after another in every round and the order
-    rotated from round to round (no variant always runs first); the first `warmup` rounds are not kept."""
+    rotated from round to round (no variant always runs first); the first `warmup` rounds are not kept. Also the
+    host's milliseconds per call until it returned, before the device caught up: the time to queue its kernels."""
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    host: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for r in range(warmup + rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
             t0 = time.perf_counter()
             variants[name]()
+            t1 = time.perf_counter()
             sync()
             if r >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: np.asarray(v) for k, v in times.items()}
+                host[name].append((t1 - t0) * 1e3)
+    return {k: np.asarray(v) for k, v in times.items()}, {k: np.asarray(v) for k, v in host.items()}
 
 
 BENCH_LABELS = {"baseline": "(a) baseline classifier step", "heated": "(b) heated step (ours)",
@@ -3580,9 +3591,10 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
     run, variants = bench_variants(cfg, info)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    t = time_interleaved(variants, rounds, warmup, dev)
+    t, host = time_interleaved(variants, rounds, warmup, dev)
     med = {k: float(np.median(v)) for k, v in t.items()}
     res = {f"{k}_ms": round(v, 3) for k, v in med.items()}
+    res.update({f"{k}_host_ms": round(float(np.median(host[k])), 3) for k in ("baseline", "policy")})
     # Ratios are paired: computed within each round (its variants ran seconds apart), then the median over rounds,
     # so a machine whose speed drifts over minutes does not bias them.
     ratio = lambda num, den: round(float(np.median(num / den)), 4)     # noqa: E731
@@ -3607,6 +3619,8 @@ def bench(cfg: Config, rounds: int = 20, warmup: int = 3, log=print) -> dict:
         log(f"  {lab:<38} {med[k]:9.2f} ms  [{q1:.1f}-{q3:.1f}]  {b / med[k] * 1e3:9.1f} img/s")
     log(f"  heated / (classifier + policy) = {res['heated_over_parts']:.3f}   heated / baseline = "
         f"{res['heated_over_baseline']:.3f}   mask share of heated = {res['mask_share']:.4f}")
+    log(f"  host time to queue a step: baseline {res['baseline_host_ms']:.2f} of {med['baseline']:.2f} ms, policy "
+        f"{res['policy_host_ms']:.2f} of {med['policy']:.2f} ms (close to the whole: bound by kernel launches)")
     log(f"  authors / ours = {res['authors_over_heated']:.3f}   authors as they ran it (fp32, contiguous) / ours = "
         f"{res['authors_fp32_over_heated']:.3f}   peak mem {res['peak_mem_mb']} MB")
     log(json.dumps({**res, **flags}))

@@ -1427,6 +1427,9 @@ def test_bench_ratios_are_the_ratios_of_the_times_it_reports(monkeypatch, one_th
         assert float(table[letter]) == pytest.approx(ms[key], abs=0.006), key
     printed = re.search(r"heated / \(classifier \+ policy\) = ([\d.]+)", out)
     assert float(printed.group(1)) == pytest.approx(res["heated_over_parts"], abs=6e-4)
+    # the host's time to queue a step is part of the step's time, and on a CPU (synchronous) nearly all of it
+    for k in ("baseline", "policy"):
+        assert 0.9 * ms[k] <= res[f"{k}_host_ms"] <= ms[k], k
 
 
 # =====================================================================================================================
@@ -2452,6 +2455,21 @@ def test_a_bad_first_step_then_a_good_one_equals_a_good_first_step(monkeypatch, 
     assert all(torch.isfinite(s["momentum_buffer"]).all() for o in ends[1]["opts"] for s in o["state"].values())
 
 
+def test_a_skipped_step_restores_the_buffers_of_a_network_moved_after_the_first_step(monkeypatch):
+    """The buffer copy a skip restores from is made once; a network whose buffers were replaced since (`.to()`,
+    `_apply`) gets a new one, so the skip restores the buffers the network holds now."""
+    torch.manual_seed(0)
+    run, state = _tiny_run()
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    assert pgnm.train_step(run, state, x, y)[1]
+    run.model_raw._apply(lambda t: t.clone())                    # every buffer (and parameter data) a new tensor
+    before = {k: v.clone() for k, v in run.model_raw.state_dict().items()}
+    real = pgnm.paper_objective
+    monkeypatch.setattr(pgnm, "paper_objective", lambda logp, ce: real(logp, ce) * float("nan"))
+    assert not pgnm.train_step(run, state, x * 3 + 1, y)[1]
+    assert _same({k: v for k, v in run.model_raw.state_dict().items()}, before)
+
+
 def test_fused_sgd_steps_equal_default_sgd_steps_across_a_skipped_step(monkeypatch):
     """Three heated steps, the second one NaN, with fused SGD (the kernel skips) and with default SGD (the host
     skips): the same weights and momentum to float32 rounding."""
@@ -2997,7 +3015,7 @@ def one_thread():
 
 BENCH_KEYS = {"baseline_ms", "heated_ms", "classifier_ms", "policy_ms", "mask_ms", "authors_ms", "authors_fp32_ms",
               "heated_over_parts", "heated_over_baseline", "mask_share", "authors_over_heated",
-              "authors_fp32_over_heated", "heated_img_s", "peak_mem_mb"}
+              "authors_fp32_over_heated", "heated_img_s", "peak_mem_mb", "baseline_host_ms", "policy_host_ms"}
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(amp=True, policy_size=16, channels_last=True)])

@@ -160,11 +160,12 @@ bench = [r for r in rows if "heated_over_parts" in r]
 if bench:
     print(f"\n{bench[0].get('device_name', '?')}, torch {bench[0].get('torch', '?')}")
     print(f"{'amp':>9} {'NHWC':>5} {'compile':>15} {'pol px':>6} | {'heated ms':>9} {'base ms':>8} "
-          f"{'heat/parts':>10} {'heat/base':>9} {'auth/ours':>9} {'authfp32/ours':>13}")
+          f"{'heat/parts':>10} {'heat/base':>9} {'auth/ours':>9} {'authfp32/ours':>13} {'host/base':>9}")
     for r in bench:
         print(f"{r['amp']:>9} {str(r['channels_last'])[0]:>5} {r['compile']:>15} {str(r['policy_size'] or 'full'):>6} | "
               f"{r['heated_ms']:9.2f} {r['baseline_ms']:8.2f} {r['heated_over_parts']:10.3f} "
-              f"{r['heated_over_baseline']:9.3f} {r['authors_over_heated']:9.3f} {r['authors_fp32_over_heated']:13.3f}")
+              f"{r['heated_over_baseline']:9.3f} {r['authors_over_heated']:9.3f} {r['authors_fp32_over_heated']:13.3f} "
+              f"{r.get('baseline_host_ms', float('nan')) / r['baseline_ms']:9.3f}")
 for r in rows:
     if "e2e_over_resident" in r:
         print(f"e2e {r['workers']:>2} workers: {r['e2e_img_s']} img/s from PNG files vs {r['resident_img_s']} resident "
