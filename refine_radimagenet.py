@@ -536,6 +536,22 @@ def stroke_rim(found, z, grey, tissue) -> np.ndarray:
     return grow_mask(found, 1) & ~found & tissue & (z > RIM_CONTRAST) & (grey > RIM_LEVEL)
 
 
+SKIN_ROWS, SKIN_HALF, SKIN_FLAT = 3, 10, 0.06   # an ROI line on the fan's first rows (the skin line): grey within
+
+
+def skin_lines(grey, fan) -> np.ndarray:
+    """ROI lines drawn along the fan's top edge, where the near field hides them from axis_lines: in the first
+    SKIN_ROWS + 1 rows of the fan, runs of 2 * SKIN_HALF + 1 px whose grey varies by less than SKIN_FLAT of its mean
+    (ink is one flat grey; skin is speckle, which varies by 10% or more over such a run)."""
+    w = below_top(fan, 0) & ~below_top(fan, SKIN_ROWS + 1)
+    g = grey * w
+    n = run_mean(w.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF)
+    m = run_mean(g, 0, 1, -SKIN_HALF, SKIN_HALF) / np.maximum(n, 1e-6)
+    var = run_mean(g * g, 0, 1, -SKIN_HALF, SKIN_HALF) / np.maximum(n, 1e-6) - m * m
+    flat = w & (n > 0.99) & (m > 60) & (var < (SKIN_FLAT * m) ** 2)
+    return run_mean(flat.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF) > 0
+
+
 def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dict, np.ndarray, np.ndarray]:
     """({detector: mask of what it found}, fan, hull) of an ultrasound frame (H, W, 3) uint8."""
     x = rgb.astype(np.int16)
@@ -552,7 +568,7 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
                                       p.continue_steps) & tissue,
              "lines": axis_lines(z, tissue, hull, known, p),
              "calipers": caliper_lines(z, inner, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
-             "marks": small_marks(z, inner, p)}
+             "marks": small_marks(z, inner, p), "skin": skin_lines(grey, tissue)}
     parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
     parts["rim"] = stroke_rim(grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), z, grey, tissue)
     return parts, fan, hull
