@@ -350,9 +350,10 @@ DOT_SCALE, DOT_GAP = 1.5, 7            # a caliper's dots: samples this many cal
                                         # the most px between two dots that are joined
 
 
-def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
+def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
     """Dotted (or solid) straight segments between two strong peaks: calipers and the like. Each fifth of the segment
-    must average caliper_contrast above the parallel segments 3 px to either side."""
+    must average caliper_contrast above the parallel segments 3 px to either side. A segment that runs along the
+    found `lines` for half its length is that line (an ROI box's side, which may end on a specular reflection)."""
     ys, xs = peaks(z, valid, p.caliper_peak)
     order = np.argsort(z[ys, xs])[::-1][:max_peaks]
     ys, xs = ys[order], xs[order]
@@ -395,11 +396,12 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
     thin = flank < p.caliper_flank * np.nanmean(on_plain, 1) if cand.size else np.zeros(0, bool)
     good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
                 & ((gaps < p.caliper_gap) | thin)] if cand.size else cand
-    near = np.zeros(z.shape, bool)
+    near, along_lines = np.zeros(z.shape, bool), grow_mask(lines, 1)
     weaker = np.minimum(z[ys[i], xs[i]], z[ys[j], xs[j]])
     for a in good[np.lexsort((-length[good], -weaker[good]))]:   # the strongest ends first (the marks), then longest
         s = np.linspace(0, 1, int(length[a]) + 1)
-        if near[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)].mean() > 0.95:
+        py, px = np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)
+        if near[py, px].mean() > 0.95 or along_lines[py, px].mean() > 0.5:
             continue                                      # mostly a segment already painted (or it and a bit more)
         sy, sx = (3 * dx[a] / length[a], -3 * dy[a] / length[a])
         on, ok = along(np.array([a]), s)
@@ -563,11 +565,12 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
     z = local_contrast(grey, tissue, p)
     inner = below_top(tissue, p.near_field)
     known = margin | colour
+    lines = axis_lines(z, tissue, hull, known, p)
     parts = {"colour": colour, "margin": margin,
              "continued": grow_within(margin, margin | (tissue & (z > p.continue_contrast) & (z - box_mean(z, 2) > 1.0)),
                                       p.continue_steps) & tissue,
-             "lines": axis_lines(z, tissue, hull, known, p),
-             "calipers": caliper_lines(z, inner, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
+             "lines": lines,
+             "calipers": caliper_lines(z, inner, lines, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
              "marks": small_marks(z, inner, p), "skin": skin_lines(grey, tissue)}
     parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
     parts["rim"] = stroke_rim(grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), z, grey, tissue)
