@@ -493,6 +493,7 @@ MARK_HALF = 1.0                         # each of the four half-arms (1-2 px fro
 MARK_NOTCH = 1.5                        # the two darkest pixels next to the centre between the arms this much below
 MARK_NOTCHES = {(0, 4): ((1, 1), (1, -1), (-1, 1), (-1, -1)), (2, 6): ((0, 1), (0, -1), (1, 0), (-1, 0)),
                 (3, 5): ((0, 1), (0, -1))}  # the arms' mean: a cross is thin, a specular reflection a solid blob
+MARK_BLACK = -3.0                       # a stroke has tissue on both sides: no pixel this dark within 1 px of them
 
 
 def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
@@ -523,7 +524,8 @@ def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
         best = np.maximum(best, np.where(thin, arms - others, -np.inf))
     cross = np.zeros(z.shape, bool)
     cross[ys[best > p.cross_arms], xs[best > p.cross_arms]] = True
-    vertical = run_mean(thin_ridge(np.where(valid, z, 9.0), 0, 1) * valid, 1, 0, -2, 2)
+    sides = valid & ~grow_mask(z < MARK_BLACK, 1)         # a fan edge beside black is no stroke's side
+    vertical = run_mean(thin_ridge(np.where(sides, z, 9.0), 0, 1) * valid, 1, 0, -2, 2)
     seeds = cross | (vertical > p.stroke_contrast)
     return grow_within(seeds & valid, (z > p.grow_contrast) & valid, p.grow_steps)
 
