@@ -401,8 +401,8 @@ def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: in
     for a in good[np.lexsort((-length[good], -weaker[good]))]:   # the strongest ends first (the marks), then longest
         s = np.linspace(0, 1, int(length[a]) + 1)
         py, px = np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)
-        if near[py, px].mean() > 0.95 or along_lines[py, px].mean() > 0.5:
-            continue                                      # mostly a segment already painted (or it and a bit more)
+        if near[py, px].mean() > 0.8 or along_lines[py, px].mean() > 0.5:
+            continue                                      # mostly a segment already painted (its end past a mark)
         sy, sx = (3 * dx[a] / length[a], -3 * dy[a] / length[a])
         on, ok = along(np.array([a]), s)
         side = np.maximum(along(np.array([a]), s, sy, sx)[0], along(np.array([a]), s, -sy, -sx)[0])
