@@ -350,9 +350,10 @@ DOT_SCALE, DOT_GAP = 1.5, 7            # a caliper's dots: samples this many cal
                                         # the most px between two dots that are joined
 
 
-def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
+def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
     """Dotted (or solid) straight segments between two strong peaks: calipers and the like. Each fifth of the segment
-    must average caliper_contrast above the parallel segments 3 px to either side."""
+    must average caliper_contrast above the parallel segments 3 px to either side. A segment that runs along the
+    found `lines` for half its length is that line (an ROI box's side, which may end on a specular reflection)."""
     ys, xs = peaks(z, valid, p.caliper_peak)
     order = np.argsort(z[ys, xs])[::-1][:max_peaks]
     ys, xs = ys[order], xs[order]
@@ -395,12 +396,13 @@ def caliper_lines(z, valid, p: CleanParams = CleanParams(), max_peaks: int = 150
     thin = flank < p.caliper_flank * np.nanmean(on_plain, 1) if cand.size else np.zeros(0, bool)
     good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
                 & ((gaps < p.caliper_gap) | thin)] if cand.size else cand
-    near = np.zeros(z.shape, bool)
+    near, along_lines = np.zeros(z.shape, bool), grow_mask(lines, 1)
     weaker = np.minimum(z[ys[i], xs[i]], z[ys[j], xs[j]])
     for a in good[np.lexsort((-length[good], -weaker[good]))]:   # the strongest ends first (the marks), then longest
         s = np.linspace(0, 1, int(length[a]) + 1)
-        if near[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)].mean() > 0.95:
-            continue                                      # mostly a segment already painted (or it and a bit more)
+        py, px = np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)
+        if near[py, px].mean() > 0.8 or along_lines[py, px].mean() > 0.5:
+            continue                                      # mostly a segment already painted (its end past a mark)
         sy, sx = (3 * dx[a] / length[a], -3 * dy[a] / length[a])
         on, ok = along(np.array([a]), s)
         side = np.maximum(along(np.array([a]), s, sy, sx)[0], along(np.array([a]), s, -sy, -sx)[0])
@@ -491,6 +493,7 @@ MARK_HALF = 1.0                         # each of the four half-arms (1-2 px fro
 MARK_NOTCH = 1.5                        # the two darkest pixels next to the centre between the arms this much below
 MARK_NOTCHES = {(0, 4): ((1, 1), (1, -1), (-1, 1), (-1, -1)), (2, 6): ((0, 1), (0, -1), (1, 0), (-1, 0)),
                 (3, 5): ((0, 1), (0, -1))}  # the arms' mean: a cross is thin, a specular reflection a solid blob
+MARK_BLACK = -3.0                       # a stroke has tissue on both sides: no pixel this dark within 1 px of them
 
 
 def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
@@ -521,7 +524,8 @@ def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
         best = np.maximum(best, np.where(thin, arms - others, -np.inf))
     cross = np.zeros(z.shape, bool)
     cross[ys[best > p.cross_arms], xs[best > p.cross_arms]] = True
-    vertical = run_mean(thin_ridge(np.where(valid, z, 9.0), 0, 1) * valid, 1, 0, -2, 2)
+    sides = valid & ~grow_mask(z < MARK_BLACK, 1)         # a fan edge beside black is no stroke's side
+    vertical = run_mean(thin_ridge(np.where(sides, z, 9.0), 0, 1) * valid, 1, 0, -2, 2)
     seeds = cross | (vertical > p.stroke_contrast)
     return grow_within(seeds & valid, (z > p.grow_contrast) & valid, p.grow_steps)
 
@@ -536,6 +540,22 @@ def stroke_rim(found, z, grey, tissue) -> np.ndarray:
     return grow_mask(found, 1) & ~found & tissue & (z > RIM_CONTRAST) & (grey > RIM_LEVEL)
 
 
+SKIN_ROWS, SKIN_HALF, SKIN_FLAT = 3, 10, 0.06   # an ROI line on the fan's first rows (the skin line): grey within
+
+
+def skin_lines(grey, fan) -> np.ndarray:
+    """ROI lines drawn along the fan's top edge, where the near field hides them from axis_lines: in the first
+    SKIN_ROWS + 1 rows of the fan, runs of 2 * SKIN_HALF + 1 px whose grey varies by less than SKIN_FLAT of its mean
+    (ink is one flat grey; skin is speckle, which varies by 10% or more over such a run)."""
+    w = below_top(fan, 0) & ~below_top(fan, SKIN_ROWS + 1)
+    g = grey * w
+    n = run_mean(w.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF)
+    m = run_mean(g, 0, 1, -SKIN_HALF, SKIN_HALF) / np.maximum(n, 1e-6)
+    var = run_mean(g * g, 0, 1, -SKIN_HALF, SKIN_HALF) / np.maximum(n, 1e-6) - m * m
+    flat = w & (n > 0.99) & (m > 60) & (var < (SKIN_FLAT * m) ** 2)
+    return run_mean(flat.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF) > 0
+
+
 def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dict, np.ndarray, np.ndarray]:
     """({detector: mask of what it found}, fan, hull) of an ultrasound frame (H, W, 3) uint8."""
     x = rgb.astype(np.int16)
@@ -547,12 +567,13 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
     z = local_contrast(grey, tissue, p)
     inner = below_top(tissue, p.near_field)
     known = margin | colour
+    lines = axis_lines(z, tissue, hull, known, p)
     parts = {"colour": colour, "margin": margin,
              "continued": grow_within(margin, margin | (tissue & (z > p.continue_contrast) & (z - box_mean(z, 2) > 1.0)),
                                       p.continue_steps) & tissue,
-             "lines": axis_lines(z, tissue, hull, known, p),
-             "calipers": caliper_lines(z, inner, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
-             "marks": small_marks(z, inner, p)}
+             "lines": lines,
+             "calipers": caliper_lines(z, inner, lines, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
+             "marks": small_marks(z, inner, p), "skin": skin_lines(grey, tissue)}
     parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
     parts["rim"] = stroke_rim(grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), z, grey, tissue)
     return parts, fan, hull
