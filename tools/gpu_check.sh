@@ -4,11 +4,12 @@
 #
 #     bash tools/gpu_check.sh [OUT_DIR]          # default: $OUT, else ./gpu_check_out
 #     DEVICE=cpu bash tools/gpu_check.sh /tmp/x  # rehearsal on a CPU: the same commands at tiny sizes
-#     ONLY='bench-e2e|resume' bash tools/gpu_check.sh   # only the steps whose name matches this regex
+#     ONLY='bench' bash tools/gpu_check.sh   # only the steps whose name matches this regex (a step that reads an
+#                                            # earlier one's output, resume or bench-e2e, needs that one too)
 #
 # Writes exactly two files to OUT_DIR: gpu_check.log (every command and all its output) and summary.txt (per step:
 # exit code and seconds; the bench JSON lines; the test counts; a table of the speed ratios), which is also printed.
-# Runs and data go to a scratch folder ($WORK, default a new temp dir). Every step is bounded by `timeout` and the
+# Runs and data go to a scratch folder ($WORK, default a new temp dir, removed at exit). Every step is bounded by `timeout` and the
 # script goes on past failures; steps marked optional are skipped once the time budget ($BUDGET seconds, default
 # 420) would be exceeded. Exit code: the number of failed steps (0 = all passed).
 
@@ -20,7 +21,10 @@ LOG="$OUT_DIR/gpu_check.log"
 SUM="$OUT_DIR/summary.txt"
 : >"$LOG"
 : >"$SUM"
-WORK=${WORK:-$(mktemp -d -t pgnm_gpu_check.XXXXXX)}
+if [ -z "${WORK:-}" ]; then         # our own scratch folder: removed at exit (a WORK you give is kept)
+    WORK=$(mktemp -d -t pgnm_gpu_check.XXXXXX)
+    trap 'rm -rf "$WORK"' EXIT
+fi
 mkdir -p "$WORK"
 BUDGET=${BUDGET:-420}
 DEVICE=${DEVICE:-cuda}
