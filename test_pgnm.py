@@ -48,6 +48,16 @@ def tiny(phase="heated", **kw) -> pgnm.Config:
     return pgnm.make_config(phase, **base)
 
 
+@pytest.fixture(autouse=True)
+def _remove_tmp_path_when_the_test_ends(request):
+    """Each test's tmp_path is removed when the test ends: the suite writes about 9 GB of runs and checkpoints, and
+    pytest keeps the folders of the last three runs, which filled this project's disk once."""
+    path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as fh:
         return [json.loads(line) for line in fh if line.strip()]
