@@ -493,6 +493,8 @@ MARK_HALF = 1.0                         # each of the four half-arms (1-2 px fro
 MARK_NOTCH = 1.5                        # the two darkest pixels next to the centre between the arms this much below
 MARK_NOTCHES = {(0, 4): ((1, 1), (1, -1), (-1, 1), (-1, -1)), (2, 6): ((0, 1), (0, -1), (1, 0), (-1, 0)),
                 (3, 5): ((0, 1), (0, -1))}  # the arms' mean: a cross is thin, a specular reflection a solid blob
+MARK_SLACK = 0.3                        # speckle can pass peak, half-arm and notch tests each just: their summed
+                                        # margins must exceed this (no true mark in the demo's 270 frames below 0.31)
 MARK_BLACK = -3.0                       # a stroke has tissue on both sides: no pixel this dark within 1 px of them
 
 
@@ -514,13 +516,14 @@ def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
         return out
     half, far = spokes((1, 2)), spokes(MARK_OTHERS)
     gap = lambda a, b: min(abs(a - b) % 8, 8 - abs(a - b) % 8)  # noqa: E731
-    best = np.full(len(ys), -np.inf)
+    zc, best = z[ys, xs], np.full(len(ys), -np.inf)
     for a, b in MARK_ARMS:
         others = np.maximum.reduce([(far[c] + far[c + 8]) / 2 for c in range(8) if gap(c, a) >= 2 and gap(c, b) >= 2])
         arms = np.minimum(half[a] + half[a + 8], half[b] + half[b + 8]) / 2
         weakest = np.minimum.reduce([half[a], half[a + 8], half[b], half[b + 8]])
         notch = np.sort([at(oy, ox) for oy, ox in MARK_NOTCHES[(a, b)]], 0)[:2].mean(0)
-        thin = (weakest > MARK_HALF) & (notch < arms - MARK_NOTCH)
+        thin = (weakest > MARK_HALF) & (notch < arms - MARK_NOTCH) & \
+            ((zc - p.cross_peak) + (weakest - MARK_HALF) + (arms - notch - MARK_NOTCH) > MARK_SLACK)
         best = np.maximum(best, np.where(thin, arms - others, -np.inf))
     cross = np.zeros(z.shape, bool)
     cross[ys[best > p.cross_arms], xs[best > p.cross_arms]] = True
