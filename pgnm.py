@@ -287,27 +287,9 @@ def check_number(cfg: Config, name: str, lo: float, hi: float = math.inf, lo_ope
         raise UserError(f"{flag} {v}: must be {what}")
 
 
-def validate_config(cfg: Config) -> None:
-    """Check every flag's value once, before any work, with messages that say what to do. Numbers must be finite and
-    inside their range: a NaN or inf, or a value that would crash only after an epoch, stops here."""
-    def need(cond: bool, msg: str):
-        if not cond:
-            raise UserError(msg)
-
+def check_ranges(cfg: Config) -> None:
+    """Every numeric flag inside its range (check_number), each with the message a user reads."""
     number = functools.partial(check_number, cfg)
-    for name, allowed in CHOICES.items():
-        need(getattr(cfg, name) in allowed, f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
-             f"{', '.join(str(v) for v in allowed if v is not None)}")
-    need(cfg.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device.strip().lower()) is not None,  # as resolve_device
-         f"--device {cfg.device!r}: choose cpu, cuda or cuda:N")
-    need(cfg.resume is None or cfg.resume != "", "--resume '': give a checkpoint PATH or 'auto'")
-    for name, instead in (("data_path", "leave the flag out for the built-in synthetic data"),
-                          ("output_dir", "leave the flag out for runs/<phase>"),
-                          ("finetune", "leave the flag out for the phase's default")):
-        need(getattr(cfg, name) != "", f"--{name.replace('_', '-')} '': give a path, or {instead} (an empty shell "
-                                       f"variable?)")
-    need(cfg.output_dir is None or not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir),
-         f"--output-dir {cfg.output_dir} is a file, not a folder: give a folder (it is created if missing)")
     number("seed", 0, 2 ** 63 - 1)
     number("epochs", 1)
     number("batch_size", 1)
@@ -326,19 +308,7 @@ def validate_config(cfg: Config) -> None:
     number("clip_grad_norm", 0, lo_open=True, optional=True)
     for name in ("train_crop_size", "val_resize_size", "val_crop_size"):   # before --grid, which is compared to them
         number(name, 1, what="at least 1 px")
-    need(cfg.val_crop_size <= cfg.val_resize_size, f"--val-crop-size {cfg.val_crop_size} is larger than "
-         f"--val-resize-size {cfg.val_resize_size}: the centre crop would pad the images with black; give "
-         f"--val-crop-size at most --val-resize-size")
     number("grid", 1)
-    heated = cfg.phase == "heated"                     # only the heated phase draws masks at the crop's size
-    need(not heated or cfg.grid <= min(cfg.train_crop_size, cfg.val_crop_size),
-         f"--grid {cfg.grid} is larger than the crop ({min(cfg.train_crop_size, cfg.val_crop_size)} px): "
-         f"use a grid at most --train-crop-size/--val-crop-size")
-    need(cfg.kernel == 0 or (cfg.kernel > 0 and cfg.kernel % 2 == 1),
-         f"--kernel {cfg.kernel}: the blur kernel must be 0 (no blur) or a positive odd number"
-         + (f" (e.g. {cfg.kernel + 1})" if cfg.kernel > 0 else ""))
-    need(not heated or cfg.kernel // 2 < min(cfg.train_crop_size, cfg.val_crop_size),
-         f"--kernel {cfg.kernel} is too large for the crop: reflect padding needs kernel//2 < crop size")
     number("sigma", 0, lo_open=True)
     number("tau_image", 0, 1)
     number("tau_dataset", 0, 1)
@@ -352,14 +322,49 @@ def validate_config(cfg: Config) -> None:
     number("workers", 0)
     number("policy_size", 16, what="at least 16 px", optional=True)
     number("save_every_steps", 0)
-    need(not cfg.save_masks or cfg.phase == "heated", f"--save-masks draws the heated phase's masks; the {cfg.phase} "
-         f"phase trains on clean images and has none: drop --save-masks")
     number("average_last", 0, cfg.epochs, what=f"between 0 (off) and --epochs ({cfg.epochs})")
     number("max_bad_steps", 1)
     number("print_freq", 1)
     number("val_split", 0, 0.5, lo_open=True, hi_open=True)
     number("synthetic_per_class", 1)
     number("synthetic_size", 32, what="at least 32 px (the synthetic scans' burned-in text needs it)")
+
+
+def validate_config(cfg: Config) -> None:
+    """Check every flag's value once, before any work, with messages that say what to do. Numbers must be finite and
+    inside their range: a NaN or inf, or a value that would crash only after an epoch, stops here."""
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise UserError(msg)
+
+    for name, allowed in CHOICES.items():
+        need(getattr(cfg, name) in allowed, f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
+             f"{', '.join(str(v) for v in allowed if v is not None)}")
+    need(cfg.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device.strip().lower()) is not None,  # as resolve_device
+         f"--device {cfg.device!r}: choose cpu, cuda or cuda:N")
+    need(cfg.resume is None or cfg.resume != "", "--resume '': give a checkpoint PATH or 'auto'")
+    for name, instead in (("data_path", "leave the flag out for the built-in synthetic data"),
+                          ("output_dir", "leave the flag out for runs/<phase>"),
+                          ("finetune", "leave the flag out for the phase's default")):
+        need(getattr(cfg, name) != "", f"--{name.replace('_', '-')} '': give a path, or {instead} (an empty shell "
+                                       f"variable?)")
+    need(cfg.output_dir is None or not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir),
+         f"--output-dir {cfg.output_dir} is a file, not a folder: give a folder (it is created if missing)")
+    check_ranges(cfg)                     # before the checks that compare flags with each other
+    need(cfg.val_crop_size <= cfg.val_resize_size, f"--val-crop-size {cfg.val_crop_size} is larger than "
+         f"--val-resize-size {cfg.val_resize_size}: the centre crop would pad the images with black; give "
+         f"--val-crop-size at most --val-resize-size")
+    heated = cfg.phase == "heated"                     # only the heated phase draws masks at the crop's size
+    need(not heated or cfg.grid <= min(cfg.train_crop_size, cfg.val_crop_size),
+         f"--grid {cfg.grid} is larger than the crop ({min(cfg.train_crop_size, cfg.val_crop_size)} px): "
+         f"use a grid at most --train-crop-size/--val-crop-size")
+    need(cfg.kernel == 0 or (cfg.kernel > 0 and cfg.kernel % 2 == 1),
+         f"--kernel {cfg.kernel}: the blur kernel must be 0 (no blur) or a positive odd number"
+         + (f" (e.g. {cfg.kernel + 1})" if cfg.kernel > 0 else ""))
+    need(not heated or cfg.kernel // 2 < min(cfg.train_crop_size, cfg.val_crop_size),
+         f"--kernel {cfg.kernel} is too large for the crop: reflect padding needs kernel//2 < crop size")
+    need(not cfg.save_masks or cfg.phase == "heated", f"--save-masks draws the heated phase's masks; the {cfg.phase} "
+         f"phase trains on clean images and has none: drop --save-masks")
 
 
 # =====================================================================================================================
@@ -3377,6 +3382,11 @@ def claim_output_dir(cfg: Config, info: DistInfo, log):
                     raise UserError(f"--output-dir {cfg.output_dir} holds another run ({earlier[0]}) and --resume "
                                     f"{cfg.resume} is from elsewhere: continuing it here would overwrite that run; "
                                     f"give an --output-dir without a checkpoint")
+                model = os.path.join(cfg.output_dir, f"model_{cfg.phase}.pth")
+                if not earlier and os.path.lexists(model):    # its checkpoints deleted: this run's end would replace it
+                    raise UserError(f"--output-dir {cfg.output_dir} holds a finished run's {os.path.basename(model)} "
+                                    f"and no checkpoint to continue: a new run would overwrite it; choose another "
+                                    f"--output-dir, or move the file away")
                 kept = os.path.join(cfg.output_dir, EPOCH_WEIGHTS)
                 if cfg.average_last and os.path.lexists(kept) and (os.path.islink(kept) or not os.path.isdir(kept)):
                     raise UserError(f"{kept} is in the way of --average-last's folder (a file or a link): move it "
@@ -3815,6 +3825,28 @@ def _one_line_usage_error(message: str):
     sys.exit(2)
 
 
+def refuse_unread_flags(mode: str | None, phase: str | None, args: dict) -> None:
+    """A usage error naming the flags this command would not read, rather than ignoring them: --average reads none,
+    --bench and --bench-e2e time heated steps (no --phase; --bench no data or output flag), and a phase does not
+    read another's flags (unread_flags). mode: the --average/--bench* flag given, if any; phase: --phase if given."""
+    ignored = list(args) if mode == "--average" else \
+        ["phase"] * (phase not in (None, "heated") and mode in ("--bench", "--bench-e2e")) \
+        + [k for k in BENCH_UNREAD if k in args and mode == "--bench"]
+    if ignored:
+        _one_line_usage_error(f"{mode} does not use {', '.join('--' + k.replace('_', '-') for k in ignored)}: "
+                              + ("it averages the files as they are" if mode == "--average" else
+                                 "it times heated steps" + (" on random batches in memory (--bench-e2e PATH times "
+                                                            "them on your data)" if mode == "--bench" else ""))
+                              + "; drop the flag")
+    unread = unread_flags(phase or "heated", args) if mode != "--average" else {}
+    if unread:                                  # e.g. --phase baseline --noise uniform is no Table 4 ablation
+        by: dict[str, list[str]] = {}
+        for k, why in unread.items():
+            by.setdefault(why, []).append("--" + k.replace("_", "-"))
+        _one_line_usage_error("; ".join(f"{', '.join(flags)} not used by {why}" for why, flags in by.items())
+                              + f": drop {'them' if len(unread) > 1 else 'it'}")
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done; 2 bad input or environment (one line on stderr, no traceback); 3 stopped by a signal after
     a checkpoint (requeue and --resume auto); 4 training diverged (the last good checkpoint is kept; change a flag
@@ -3843,24 +3875,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
                              ("--bench-e2e", e2e_path is not None)) if on]
     if len(modes) > 1:                          # one would run and the others be ignored
         _one_line_usage_error(f"{' and '.join(modes)}: give one of them per command")
-    ignored = list(args) if average else \
-        ["phase"] * (phase not in (None, "heated") and (do_bench or e2e_path is not None)) \
-        + [k for k in BENCH_UNREAD if k in args and do_bench]
-    if ignored:                                 # flags the mode would not read: say so rather than ignore them
-        _one_line_usage_error(f"{modes[0]} does not use {', '.join('--' + k.replace('_', '-') for k in ignored)}: "
-                              + ("it averages the files as they are" if average else
-                                 "it times heated steps" + (" on random batches in memory (--bench-e2e PATH times "
-                                                            "them on your data)" if do_bench else ""))
-                              + "; drop the flag")
+    refuse_unread_flags(modes[0] if modes else None, phase, args)
     phase = phase or "heated"
-    if not average:
-        unread = unread_flags(phase, args)
-        if unread:                              # e.g. --phase baseline --noise uniform is no Table 4 ablation
-            by: dict[str, list[str]] = {}
-            for k, why in unread.items():
-                by.setdefault(why, []).append("--" + k.replace("_", "-"))
-            _one_line_usage_error("; ".join(f"{', '.join(flags)} not used by {why}" for why, flags in by.items())
-                                  + f": drop {'them' if len(unread) > 1 else 'it'}")
     try:
         if average:
             average_checkpoints(average, average_output or os.path.join(os.path.dirname(os.path.abspath(average[0])),

@@ -1148,6 +1148,30 @@ def test_import_has_no_side_effects():
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
 
 
+def test_pgnm_reads_top_to_bottom_in_functions_of_a_screen():
+    """What the README's "Reading pgnm.py" says: no function of the three tools is over 70 lines, and no section of
+    pgnm.py uses a name (function, class, constant) that a later section defines."""
+    import ast
+    for name in ("pgnm.py", "evaluate.py", "refine_radimagenet.py"):
+        tree = ast.parse(open(os.path.join(HERE, name)).read())
+        long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 70]
+        assert not long, (name, long)
+    lines = open(os.path.join(HERE, "pgnm.py")).read().splitlines()
+    starts = [i + 1 for i in range(len(lines) - 2) if lines[i].startswith("# ===") and lines[i + 2].startswith("# ===")]
+    assert len(starts) == 10, starts
+    section = lambda line: sum(s <= line for s in starts)       # noqa: E731
+    tree = ast.parse("\n".join(lines))
+    defined = {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)]
+        defined.update({n: section(node.lineno) for n in names})
+    later = [(getattr(node, "name", node.lineno), use.id) for node in tree.body for use in ast.walk(node)
+             if isinstance(use, ast.Name) and defined.get(use.id, 0) > section(node.lineno)]
+    assert not later, later
+
+
 # =====================================================================================================================
 #  Training: one step, the optimisers and lr schedules, evaluation, --compile, --bench
 # =====================================================================================================================
@@ -2280,6 +2304,14 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints_or_appends_to_it
                      "--resume", "auto"]) == 0
     log = read_log(str(out))
     assert [r["epoch"] for r in log] == [1, 1] and log[0]["train_loss"] != 99.0 and log[1]["final"], log
+    for n in ("checkpoint.pth", "checkpoint_prev.pth"):    # a finished run whose checkpoints were deleted for space
+        (out / n).unlink(missing_ok=True)
+    model = (out / "model_heated.pth").read_bytes()
+    for resume in ([], ["--resume", "auto"], ["--resume", str(tmp_path / "elsewhere.pth")]):
+        assert pgnm.cli([*TINY_CLI, "--output-dir", str(out), *resume]) == 2
+        err = _one_error_line(capsys)
+        assert "holds a finished run's model_heated.pth and no checkpoint" in err and "another --output-dir" in err, err
+        assert (out / "model_heated.pth").read_bytes() == model
 
 
 def test_a_lock_file_that_is_a_folder_or_a_link_is_one_line_saying_what_to_do(tmp_path, capsys):
