@@ -1679,7 +1679,12 @@ def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    policy = obj.get("policy_net") if isinstance(obj, dict) and isinstance(obj.get("policy_net"), dict) else obj
+    if isinstance(policy, dict) and all(isinstance(k, str) for k in policy) \
+            and {k.split(".")[0] for k in strip_prefixes(policy)} == {"fe", "alpha", "beta"}:    # PolicyNet's keys
+        raise UserError(f"{path} holds the policy network's weights (PolicyNet), not a classifier's: give the heated "
+                        f"run's model_heated.pth or checkpoint.pth")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise UserError(f"{path} holds no state_dict of tensors (expected a checkpoint with 'model' or raw weights)")
     return strip_prefixes(obj)
 
@@ -2684,7 +2689,7 @@ def make_checkpoint(run: Run, state: StepState, epoch: int, step: int, steps_per
     }
 
 
-RESUME_KEYS = ("model", "optimizer", "main_lr_scheduler", "epoch", "step", "args")
+RESUME_KEYS = {"model": dict, "optimizer": dict, "main_lr_scheduler": dict, "epoch": int, "step": int, "args": dict}
 
 
 def check_resumable(ckpt, source: str) -> None:
@@ -2702,6 +2707,12 @@ def check_resumable(ckpt, source: str) -> None:
     if missing:
         raise UserError(f"{source} is not a resumable pgnm.py checkpoint (no {', '.join(missing)}; "
                         f"model_<phase>.pth holds weights only): to start from its weights use --finetune {source}")
+    wrong = [k for k, kind in RESUME_KEYS.items() if not isinstance(ckpt[k], kind)]
+    wrong += ["model"] * (not wrong and not all(isinstance(k, str) for k in ckpt["model"]))
+    if wrong:                  # written by hand or by another program: restoring it would fail half-way
+        what = f"a {type(ckpt[wrong[0]]).__name__}" if not isinstance(ckpt[wrong[0]], dict) else "keys not names"
+        raise UserError(f"{source} is damaged: its '{wrong[0]}' is not what pgnm.py writes ({what}); resume from "
+                        f"another checkpoint, or start afresh")
 
 
 def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> None:
@@ -2722,7 +2733,7 @@ def restore_checkpoint(run: Run, state: StepState, ckpt: dict, source: str) -> N
         run.model_raw.load_state_dict(strip_prefixes(ckpt["model"]))
         if run.policy is not None:
             run.policy_raw.load_state_dict(strip_prefixes(ckpt["policy_net"]))
-    except (RuntimeError, KeyError, TypeError) as e:
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{source} does not match this run's networks ({str(e).splitlines()[0][:160]}); "
                         f"use the same --model/--grid or another --output-dir") from None
     dev = run.info.device

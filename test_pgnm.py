@@ -1080,6 +1080,21 @@ def test_resume_from_a_foreign_checkpoint_is_one_line_suggesting_finetune(tmp_pa
     assert not (tmp_path / "o" / "checkpoint.pth").exists()
 
 
+@pytest.mark.parametrize("damage", [{"model": [1, 2]}, {"model": {7: torch.zeros(1)}}, {"epoch": "3"},
+                                    {"optimizer": None}, {"args": "lr=0.1"}])
+def test_resume_from_a_checkpoint_with_a_damaged_entry_is_one_line(tmp_path, capsys, damage):
+    """A checkpoint with every key but one of the wrong kind (written by hand or another program) ended in a bare
+    AttributeError traceback half-way through the restore."""
+    ck = {"model": pgnm.build_model("resnet10t", 24).state_dict(), "optimizer": {}, "main_lr_scheduler": {},
+          "epoch": 0, "step": 1, "args": {}, **damage}
+    torch.save(ck, tmp_path / "c.pth")
+    code = pgnm.cli(["--resume", str(tmp_path / "c.pth"), "--output-dir", str(tmp_path / "o"), *TINY_CLI])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"c.pth is damaged: its '{next(iter(damage))}' is not what pgnm.py writes" in err, err
+    assert not (tmp_path / "o" / "checkpoint.pth").exists()
+
+
 def test_finetune_from_nan_weights_is_refused(tmp_path, capsys):
     sd = pgnm.build_model("resnet10t", 24).state_dict()
     sd["layer1.0.conv1.weight"][0] = float("nan")
@@ -1136,6 +1151,21 @@ def test_finetune_with_wrong_architecture_checkpoint(tmp_path):
     torch.save(pgnm.build_model("resnet50", 24).state_dict(), w)
     with pytest.raises(pgnm.UserError, match="looks like resnet50"):
         pgnm.main(tiny("finetune", finetune=str(w), output_dir=str(tmp_path / "o")))
+
+
+def test_a_policy_networks_weights_given_as_a_classifier_say_so(tmp_path):
+    """--finetune (and evaluate's --checkpoints, --average) with the policy's weights, bare, wrapped or in a
+    checkpoint whose 'model' is missing, said "pass the --model it was trained with" or "no state_dict": no --model
+    fits a PolicyNet."""
+    policy = pgnm.PolicyNet(4).state_dict()
+    for name, obj in (("bare.pth", policy), ("ddp.pth", {"module." + k: v for k, v in policy.items()}),
+                      ("ckpt.pth", {"model": None, "policy_net": policy})):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(pgnm.UserError, match="holds the policy network's weights .PolicyNet., not a classifier"):
+            pgnm.main(tiny("finetune", finetune=str(tmp_path / name), output_dir=str(tmp_path / "o")))
+    torch.save({7: torch.zeros(1)}, tmp_path / "intkeys.pth")       # keys that are not strings: no crash
+    with pytest.raises(pgnm.UserError, match="intkeys.pth holds no state_dict of tensors"):
+        pgnm.main(tiny("finetune", finetune=str(tmp_path / "intkeys.pth"), output_dir=str(tmp_path / "o")))
 
 
 def test_finetune_without_a_heated_run_says_what_to_do(tmp_path):
@@ -3555,6 +3585,7 @@ def _bad_case_files(tmp):
     neg_var["bn1.running_var"].fill_(-1.0)               # finite weights, NaN features (sqrt of a negative variance)
     torch.save(neg_var, str(tmp / "negvar.pth"))
     torch.save([1, 2, 3], str(tmp / "list.pth"))
+    torch.save(pgnm.PolicyNet(4).state_dict(), str(tmp / "policy.pth"))
     (tmp / "garbage.pth").write_bytes(b"not a checkpoint")
     (tmp / "garbage.npz").write_bytes(b"PK\x03\x04 not a zip")
     (tmp / "file.txt").write_text("x")
@@ -3619,6 +3650,7 @@ BAD_EVALUATE_INPUTS = [   # (extra arguments, strings the one error line must co
     (["--checkpoints", "{tmp}/none.pth"], ["--checkpoints", "none.pth", "does not exist"]),
     (["--checkpoints", "{tmp}/ckdir"], ["--checkpoints", "ckdir", "is a folder"]),
     (["--checkpoints", "{tmp}/list.pth"], ["list.pth", "no state_dict"]),
+    (["--checkpoints", "{tmp}/policy.pth"], ["policy.pth", "the policy network's weights"]),
     (["--checkpoints", "{tmp}/garbage.pth"], ["garbage.pth", "cannot load"]),
     (["--checkpoints", "{tmp}/nan.pth"], ["nan.pth", "NaN/inf"]),
     (["--checkpoints", "{tmp}/inf.pth"], ["inf.pth", "layer2.0.conv1.weight has 1 NaN/inf"]),
