@@ -315,7 +315,8 @@ def thin_ridge(z: np.ndarray, ny: int, nx: int) -> np.ndarray:
 
 def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarray:
     """Horizontal and vertical lines (ROI boxes, rulers): a thin ridge whose mean over each third of a
-    2 * line_half + 1 px run is above line_contrast and at least half of the other thirds'. Known annotation
+    2 * line_half + 1 px run is above line_contrast and at least half of the other thirds', extended to its ends
+    through contiguous ridge pixels above LINE_ON and LINE_REL of the line's mean contrast. Known annotation
     (margin, colour) continues a line; outside the fan and in the near field, samples count as bright (no ridge
     along the fan's own border) except in the ring the opening took off (rulers that touch the fan)."""
     half, third = p.line_half, (2 * p.line_half + 1) // 3
@@ -331,11 +332,13 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
         lo, hi = np.minimum.reduce(parts), np.maximum.reduce(parts)
         hit = (lo > np.where(edge, p.edge_line_contrast, p.line_contrast)) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
         on = (r_fan > np.where(edge, 1.0, 0.3)) & (z > LINE_ON)
+        strength = run_mean(np.where(fan, z, 0.0), dy, dx, -half, half)
         for sgn in (1, -1):                               # extend along the line through contiguous ridge pixels
-            cur = hit
+            cur = np.where(hit, strength, 0.0)            # (each carries the strength of the hit it extends)
             for _ in range(half):
-                cur = shift(cur, sgn * dy, sgn * dx, False) & on
-                out |= cur
+                cur = shift(cur, sgn * dy, sgn * dx, 0.0)
+                cur = np.where(on & (z > LINE_REL * cur), cur, 0.0)
+                out |= cur > 0
         out |= hit
     return out & fan
 
@@ -346,6 +349,8 @@ def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.nd
 
 
 LINE_ON = 0.5                           # a line extends along its ridge where it is this much above the local mean
+LINE_REL = 0.4                          # ... and at least this share of the line's own mean contrast (33 px about the
+                                        # pixel it extends from): it stops at a box's corner, not in the speckle past it
 DOT_SCALE, DOT_GAP = 1.5, 7            # a caliper's dots: samples this many caliper_contrast above the sides, and
                                         # the most px between two dots that are joined
 

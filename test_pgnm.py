@@ -4283,6 +4283,19 @@ def test_clean_removes_thin_cross_marks_over_tissue():
     assert sum(r >= 0.9 for r in removed) >= 20, removed                  # measured 21 of 24
 
 
+def test_a_box_line_stops_at_the_corner_not_in_the_speckle_past_it():
+    """An ROI box's side ends at the perpendicular side; dimmer ridge pixels (speckle) that continue it past the corner
+    are not the line (they were, painting 3-4 px of tissue past the box on the demo)."""
+    z = np.zeros((224, 224))
+    z[100, 60:121], z[101:161, 120], z[100, 121:127] = 2.6, 2.0, 0.8    # top side, right side, speckle past the corner
+    every, none = np.ones(z.shape, bool), np.zeros(z.shape, bool)
+    found = rr.axis_lines(z, every, every, none)
+    assert found[100, 60:121].all() and found[100:161, 120].all()       # both sides, to their ends
+    assert not found[100, 121:].any() and found.sum() == 61 + 60
+    z[100, 121:127] = 2.6                                                # a side that goes on past it is followed
+    assert rr.axis_lines(z, every, every, none)[100, 60:127].all()
+
+
 def test_clean_keeps_every_pixel_of_frames_crowded_with_specular_reflections():
     """Frames crowded with the demo's bright specular reflections (solid blobs: anatomy, though a cross's centre is as
     bright) and no annotation: no pixel changes."""
