@@ -278,7 +278,10 @@ def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.n
         tissue[0] = False
         fan = fan | tissue[pieces]
     solid = erode(nonblack.astype(np.uint8), 1).astype(bool) & band     # a corner that annotation touches: its solid
-    return fan | grow_mask(grow_within(fan, fan | solid, 2 * p.fan_open), 1) & nonblack & band, hull   # part
+    fan = fan | grow_mask(grow_within(fan, fan | solid, 2 * p.fan_open), 1) & nonblack & band        # part
+    rest = nonblack & ~fan                                 # a lone non-black pixel on the fan's border, darker than
+    return fan | rest & (box_mean(rest, 1) < 1.5 / 9) & (grey < dilate(grey * fan, 1)), hull   # the tissue next to it:
+                                                           # the fan's resampled edge (strokes are longer, ink lighter)
 
 
 
