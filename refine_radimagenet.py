@@ -567,6 +567,10 @@ def skin_lines(grey, fan) -> np.ndarray:
     return run_mean(flat.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF) > 0
 
 
+MARGIN_INK = 2                          # annotation continues into the fan from margin pixels this many times
+                                        # black_level, through them only: the fan's resampled rim is dimmer
+
+
 def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dict, np.ndarray, np.ndarray]:
     """({detector: mask of what it found}, fan, hull) of an ultrasound frame (H, W, 3) uint8."""
     x = rgb.astype(np.int16)
@@ -578,9 +582,10 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
     z = local_contrast(grey, tissue, p)
     inner = below_top(tissue, p.near_field)
     known = margin | colour
+    ink = margin & (grey > MARGIN_INK * p.black_level)    # margin annotation, not the fan's dim resampled rim
     lines = axis_lines(z, tissue, hull, known, p)
     parts = {"colour": colour, "margin": margin,
-             "continued": grow_within(margin, margin | (tissue & (z > p.continue_contrast) & (z - box_mean(z, 2) > 1.0)),
+             "continued": grow_within(ink, ink | (tissue & (z > p.continue_contrast) & (z - box_mean(z, 2) > 1.0)),
                                       p.continue_steps) & tissue,
              "lines": lines,
              "calipers": caliper_lines(z, inner, lines, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),

@@ -4309,10 +4309,13 @@ def _demo_frames(seed, picks):
 def test_demo_frames_that_were_damaged_keep_the_tissue_beside_their_annotation():
     """Demo frames where the cleaning changed tissue more than 2 px from any annotation: seed 2 #38 (an ROI side run
     on past the box's corner), #48 (a lone dim pixel on the fan's resampled top edge, taken for annotation with its
-    halo). Each is clean of that damage, and its stroke pixels are still removed."""
-    for k, (raw, clean) in _demo_frames(2, {38, 48}).items():
-        fig = rr.summarise(rr.frame_metrics(raw, clean, np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])))
-        assert fig["changed_beyond_2px"] == 0 and fig["stroke_removed_pct"] > 90, (k, fig)
+    halo); seed 3 #24 (a dim ruler joined to the fan by its resampled rim, "continued" into a bright speckle). Each is
+    clean of that damage, and its stroke pixels are removed as before (the removal measured then, in %)."""
+    for seed, removed in ((2, {38: 93.7, 48: 96.7}), (3, {24: 84.9})):
+        for k, (raw, clean) in _demo_frames(seed, set(removed)).items():
+            refined = np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])
+            fig = rr.summarise(rr.frame_metrics(raw, clean, refined))
+            assert fig["changed_beyond_2px"] == 0 and fig["stroke_removed_pct"] >= removed[k], (seed, k, fig)
 
 
 def test_clean_keeps_every_pixel_of_frames_crowded_with_specular_reflections():
