@@ -354,8 +354,7 @@ def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.nd
 LINE_ON = 0.5                           # a line extends along its ridge where it is this much above the local mean
 LINE_REL = 0.4                          # ... and at least this share of the line's own mean contrast (33 px about the
                                         # pixel it extends from): it stops at a box's corner, not in the speckle past it
-DOT_SCALE, DOT_GAP = 1.5, 7            # a caliper's dots: samples this many caliper_contrast above the sides, and
-                                        # the most px between two dots that are joined
+DOT_SCALE = 1.5                         # a caliper's dots: samples this many caliper_contrast above the sides
 
 
 def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
@@ -418,12 +417,8 @@ def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: in
         first, last = int(np.argmax(on[0, :q])), len(s) - q + int(np.argmax(on[0, -q:]))   # (the marks), not past them
         dots = np.flatnonzero(((on - side)[0] > DOT_SCALE * p.caliper_contrast) & ok[0])
         dots = dots[(dots >= first) & (dots <= last)]
-        if dots.size:                                     # paint from dot to dot where they are close: not past an end
-            bridged = np.zeros(len(s), bool)
-            for d0, d1 in zip(dots[:-1], dots[1:]):
-                bridged[d0:d1 + 1] |= d1 - d0 <= DOT_GAP
-            bridged[dots] = True
-            s = s[bridged]
+        if dots.size:                                     # paint the dots, not past an end; not the gaps between
+            s = s[dots]                                   # them (tissue: the path runs up to 1 px beside the dots)
             out[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)] = True
             near = grow_mask(out, 1)
     return out                                            # (the bright pixels beside it join as the rim)

@@ -4296,6 +4296,21 @@ def test_a_box_line_stops_at_the_corner_not_in_the_speckle_past_it():
     assert rr.axis_lines(z, every, every, none)[100, 60:127].all()
 
 
+def test_a_dotted_caliper_is_painted_on_its_dots_not_across_the_gaps():
+    """Two + marks joined by 2 px dots with 3 px gaps: every dot is found, no pixel more than 1 px from the ink is
+    (the gaps were bridged; on the demo the path ran beside the dots, and the halo and rim of a gap reached 3 px
+    into the tissue)."""
+    z = np.zeros((224, 224))
+    for x in (60, 100):
+        z[100, x - 3:x + 4] = z[97:104, x] = 4.0                         # + marks
+    for x in range(65, 100, 5):
+        z[100:102, x:x + 2] = 3.0                                          # dots
+    every, none = np.ones(z.shape, bool), np.zeros(z.shape, bool)
+    found = rr.caliper_lines(z, every, none)
+    assert not (found & ~rr.grow_mask(z > 0, 1)).any()
+    assert all(found[100:102, x:x + 2].any() for x in range(65, 100, 5))
+
+
 def _demo_frames(seed, picks):
     """{index: (raw, clean)} of the demo report's frames of `seed` (rendered in order, as --demo-report does)."""
     rng, out = np.random.default_rng(seed), {}
@@ -4309,9 +4324,10 @@ def _demo_frames(seed, picks):
 def test_demo_frames_that_were_damaged_keep_the_tissue_beside_their_annotation():
     """Demo frames where the cleaning changed tissue more than 2 px from any annotation: seed 2 #38 (an ROI side run
     on past the box's corner), #48 (a lone dim pixel on the fan's resampled top edge, taken for annotation with its
-    halo); seed 3 #24 (a dim ruler joined to the fan by its resampled rim, "continued" into a bright speckle). Each is
-    clean of that damage, and its stroke pixels are removed as before (the removal measured then, in %)."""
-    for seed, removed in ((2, {38: 93.7, 48: 96.7}), (3, {24: 84.9})):
+    halo); seed 3 #24 (a dim ruler joined to the fan by its resampled rim, "continued" into a bright speckle); seed 0
+    #1, #9 (a caliper's gaps painted beside its dots, then their rim). Each is clean of that damage, and its stroke
+    pixels are removed as before (the removal measured then, in %)."""
+    for seed, removed in ((0, {1: 99.2, 9: 97.2}), (2, {38: 93.7, 48: 96.7}), (3, {24: 84.9})):
         for k, (raw, clean) in _demo_frames(seed, set(removed)).items():
             refined = np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])
             fig = rr.summarise(rr.frame_metrics(raw, clean, refined))
