@@ -335,13 +335,14 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
         lo, hi = np.minimum.reduce(parts), np.maximum.reduce(parts)
         hit = (lo > np.where(edge, p.edge_line_contrast, p.line_contrast)) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
         on = (r_fan > np.where(edge, 1.0, 0.3)) & (z > LINE_ON)
-        strength = run_mean(np.where(fan, z, 0.0), dy, dx, -half, half)
+        strength = np.where(hit, run_mean(np.where(fan, z, 0.0), dy, dx, -half, half), 0.0)   # of the hits within
+        near = run_mean(hit, dy, dx, -half, half)                                              # half a run
+        on &= z > LINE_REL * run_mean(strength, dy, dx, -half, half) / np.maximum(near, 1e-9)
         for sgn in (1, -1):                               # extend along the line through contiguous ridge pixels
-            cur = np.where(hit, strength, 0.0)            # (each carries the strength of the hit it extends)
+            cur = hit
             for _ in range(half):
-                cur = shift(cur, sgn * dy, sgn * dx, 0.0)
-                cur = np.where(on & (z > LINE_REL * cur), cur, 0.0)
-                out |= cur > 0
+                cur = shift(cur, sgn * dy, sgn * dx, False) & on
+                out |= cur
         out |= hit
     return out & fan
 
@@ -352,8 +353,8 @@ def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.nd
 
 
 LINE_ON = 0.5                           # a line extends along its ridge where it is this much above the local mean
-LINE_REL = 0.4                          # ... and at least this share of the line's own mean contrast (33 px about the
-                                        # pixel it extends from): it stops at a box's corner, not in the speckle past it
+LINE_REL = 0.35                         # ... and at least this share of the line's mean contrast (over 33 px about each
+                                        # hit within 16 px): it stops at a box's corner, not in the speckle past it
 DOT_SCALE = 1.5                         # a caliper's dots: samples this many caliper_contrast above the sides
 
 
