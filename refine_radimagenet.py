@@ -278,7 +278,10 @@ def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.n
         tissue[0] = False
         fan = fan | tissue[pieces]
     solid = erode(nonblack.astype(np.uint8), 1).astype(bool) & band     # a corner that annotation touches: its solid
-    return fan | grow_mask(grow_within(fan, fan | solid, 2 * p.fan_open), 1) & nonblack & band, hull   # part
+    fan = fan | grow_mask(grow_within(fan, fan | solid, 2 * p.fan_open), 1) & nonblack & band        # part
+    rest = nonblack & ~fan                                 # a lone non-black pixel on the fan's border, darker than
+    return fan | rest & (box_mean(rest, 1) < 1.5 / 9) & (grey < dilate(grey * fan, 1)), hull   # the tissue next to it:
+                                                           # the fan's resampled edge (strokes are longer, ink lighter)
 
 
 
@@ -315,7 +318,8 @@ def thin_ridge(z: np.ndarray, ny: int, nx: int) -> np.ndarray:
 
 def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarray:
     """Horizontal and vertical lines (ROI boxes, rulers): a thin ridge whose mean over each third of a
-    2 * line_half + 1 px run is above line_contrast and at least half of the other thirds'. Known annotation
+    2 * line_half + 1 px run is above line_contrast and at least half of the other thirds', extended to its ends
+    through contiguous ridge pixels above LINE_ON and LINE_REL of the line's mean contrast. Known annotation
     (margin, colour) continues a line; outside the fan and in the near field, samples count as bright (no ridge
     along the fan's own border) except in the ring the opening took off (rulers that touch the fan)."""
     half, third = p.line_half, (2 * p.line_half + 1) // 3
@@ -331,6 +335,9 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
         lo, hi = np.minimum.reduce(parts), np.maximum.reduce(parts)
         hit = (lo > np.where(edge, p.edge_line_contrast, p.line_contrast)) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
         on = (r_fan > np.where(edge, 1.0, 0.3)) & (z > LINE_ON)
+        strength = np.where(hit, run_mean(np.where(fan, z, 0.0), dy, dx, -half, half), 0.0)   # of the hits within
+        near = run_mean(hit, dy, dx, -half, half)                                              # half a run
+        on &= z > LINE_REL * run_mean(strength, dy, dx, -half, half) / np.maximum(near, 1e-9)
         for sgn in (1, -1):                               # extend along the line through contiguous ridge pixels
             cur = hit
             for _ in range(half):
@@ -346,8 +353,9 @@ def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.nd
 
 
 LINE_ON = 0.5                           # a line extends along its ridge where it is this much above the local mean
-DOT_SCALE, DOT_GAP = 1.5, 7            # a caliper's dots: samples this many caliper_contrast above the sides, and
-                                        # the most px between two dots that are joined
+LINE_REL = 0.35                         # ... and at least this share of the line's mean contrast (over 33 px about each
+                                        # hit within 16 px): it stops at a box's corner, not in the speckle past it
+DOT_SCALE = 1.5                         # a caliper's dots: samples this many caliper_contrast above the sides
 
 
 def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
@@ -410,12 +418,8 @@ def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: in
         first, last = int(np.argmax(on[0, :q])), len(s) - q + int(np.argmax(on[0, -q:]))   # (the marks), not past them
         dots = np.flatnonzero(((on - side)[0] > DOT_SCALE * p.caliper_contrast) & ok[0])
         dots = dots[(dots >= first) & (dots <= last)]
-        if dots.size:                                     # paint from dot to dot where they are close: not past an end
-            bridged = np.zeros(len(s), bool)
-            for d0, d1 in zip(dots[:-1], dots[1:]):
-                bridged[d0:d1 + 1] |= d1 - d0 <= DOT_GAP
-            bridged[dots] = True
-            s = s[bridged]
+        if dots.size:                                     # paint the dots, not past an end; not the gaps between
+            s = s[dots]                                   # them (tissue: the path runs up to 1 px beside the dots)
             out[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)] = True
             near = grow_mask(out, 1)
     return out                                            # (the bright pixels beside it join as the rim)
@@ -559,6 +563,10 @@ def skin_lines(grey, fan) -> np.ndarray:
     return run_mean(flat.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF) > 0
 
 
+MARGIN_INK = 2                          # annotation continues into the fan from margin pixels this many times
+                                        # black_level, through them only: the fan's resampled rim is dimmer
+
+
 def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dict, np.ndarray, np.ndarray]:
     """({detector: mask of what it found}, fan, hull) of an ultrasound frame (H, W, 3) uint8."""
     x = rgb.astype(np.int16)
@@ -570,9 +578,10 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
     z = local_contrast(grey, tissue, p)
     inner = below_top(tissue, p.near_field)
     known = margin | colour
+    ink = margin & (grey > MARGIN_INK * p.black_level)    # margin annotation, not the fan's dim resampled rim
     lines = axis_lines(z, tissue, hull, known, p)
     parts = {"colour": colour, "margin": margin,
-             "continued": grow_within(margin, margin | (tissue & (z > p.continue_contrast) & (z - box_mean(z, 2) > 1.0)),
+             "continued": grow_within(ink, ink | (tissue & (z > p.continue_contrast) & (z - box_mean(z, 2) > 1.0)),
                                       p.continue_steps) & tissue,
              "lines": lines,
              "calipers": caliper_lines(z, inner, lines, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
