@@ -467,21 +467,46 @@ def grow_within(seed: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray
     return m
 
 
+GLYPH_HEAD = 2                          # a glyph's solid pixels may be more than glyph_solid of it if they all fit in
+                                        # a GLYPH_HEAD px square: an arrowhead's core (a reflection's is a longer row),
+GLYPH_TAIL = 4                          # ... and its pixels further than this from that core lie to one side (its shaft;
+                                        # a thin tilted reflection's streak runs out of its core both ways)
+
+
 def glyphs(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
     """Marks, arrows, letters over tissue: connected pieces of pixels above glyph_level that are big enough, bright
-    on average, thin (no pixel with all 8 neighbours in the piece, or few) and on plain tissue (the pixels around
-    them are not bright). Speckle makes small or dim pieces, a specular reflection a solid one in a bright halo."""
+    on average, thin (no pixel with all 8 neighbours in the piece, or few; or an arrowhead: a solid core within a
+    GLYPH_HEAD px square, the pixels beyond GLYPH_TAIL px of it on one side) and on plain tissue (the pixels around
+    them are not bright). Speckle makes small or dim pieces, a specular reflection a solid one (a row of solid pixels,
+    or a streak running out of its core both ways) in a bright halo."""
     bright = (z > p.glyph_level) & valid
     pieces, n = label_components(bright)
     if not n:
         return bright
     count = lambda w: np.bincount(pieces.ravel(), w, minlength=n + 1)  # noqa: E731
     size = np.maximum(count(None), 1)
-    solid = count(erode(bright.astype(np.uint8), 1).astype(bool).ravel())
+    inner = erode(bright.astype(np.uint8), 1).astype(bool)
+    solid = count(inner.ravel())
+    sy, sx = np.nonzero(inner)
+    span = np.zeros(n + 1, bool)                          # solid pixels spread over more than GLYPH_HEAD rows or columns
+    for c in (sy, sx):
+        lo, hi = np.full(n + 1, 1 << 30), np.full(n + 1, -1)
+        np.minimum.at(lo, pieces[sy, sx], c)
+        np.maximum.at(hi, pieces[sy, sx], c)
+        span |= hi - lo >= GLYPH_HEAD
     ring = (dilate(pieces, 1) * (grow_mask(bright, 1) & ~bright & valid)).ravel()   # the pixels around each piece
     around = np.bincount(ring, z.ravel(), minlength=n + 1) / np.maximum(np.bincount(ring, minlength=n + 1), 1)
-    keep = (size >= p.glyph_size) & (count(z.ravel()) / size >= p.glyph_contrast) & (around <= p.glyph_ring) & \
-        (solid <= p.glyph_solid * size)
+    keep = (size >= p.glyph_size) & (count(z.ravel()) / size >= p.glyph_contrast) & (around <= p.glyph_ring)
+    head = keep & (solid > p.glyph_solid * size) & ~span
+    keep &= solid <= p.glyph_solid * size
+    for c in np.flatnonzero(head):                        # an arrowhead: what lies beyond GLYPH_TAIL of its core is
+        at = pieces[sy, sx] == c                          # on one side (no two directions 120 degrees apart)
+        ys, xs = np.nonzero(pieces == c)
+        vy, vx = ys - sy[at].mean(), xs - sx[at].mean()
+        d = np.hypot(vy, vx)
+        tail = d > GLYPH_TAIL
+        vy, vx = vy[tail] / d[tail], vx[tail] / d[tail]
+        keep[c] = not tail.any() or (np.outer(vy, vy) + np.outer(vx, vx)).min() > -0.5
     keep[0] = False
     return keep[pieces]
 

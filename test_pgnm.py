@@ -3911,7 +3911,7 @@ def test_refine_removes_ultrasound_artifacts_and_leaves_the_rest(raw_tree, refin
         assert res.ndim == 2                                                  # greyscale: no colour pixel remains
         assert (np.abs(raw.astype(int) - clean[..., None]).max(2) > 0).sum() > 500   # the demo burned artifacts in
     fig = _figures(triples)
-    assert fig["stroke_removed_pct"] >= 91.5, fig                            # measured 91.6; the issue's target is 90
+    assert fig["stroke_removed_pct"] >= 92.0, fig                            # measured 92.2; the issue's target is 90
     assert fig["changed_beyond_2px"] <= 3, fig                                # measured 2 of 1.5 M; the target is 0
     assert fig["fill_mae"] < 25.0, fig                                       # textured fill: above a smooth fill's
     assert 0.75 < fig["fill_std"] / fig["truth_std"] < 1.35, fig            # speckle like the truth's, no blob
@@ -4345,6 +4345,51 @@ def test_clean_removes_thin_cross_marks_over_tissue():
         assert strokes.sum() >= 5
         removed.append((strokes & (out != grey)).sum() / strokes.sum())
     assert sum(r >= 0.9 for r in removed) >= 20, removed                  # measured 21 of 24
+
+
+def test_clean_removes_arrows_with_solid_heads_over_tissue():
+    """Arrows as the demo draws them (a 1-2 px shaft, a solid 12 px triangle at its tip) in 24 directions over tissue:
+    the head's few solid pixels fit in a 2 px square (a specular reflection's make a longer row), so it is a glyph.
+    Solid heads were refused as reflections: 14 of 24 arrows removed; and no tissue beside them changes."""
+    rng = np.random.default_rng(13)
+    removed = []
+    for k in range(24):
+        def arrow(d, clean, inside, k=k):
+            m = rr.box_mean(clean.astype(float), 20) * rr.erode(inside.astype(np.uint8), 40)
+            ys, xs = np.nonzero(m > 0)
+            i = np.argsort(m[ys, xs])[len(ys) // 2]                      # tissue of middling brightness
+            y, x, t = int(ys[i]), int(xs[i]), np.pi * k / 12 + 0.1
+            d.line([(x, y), (x + 30 * np.cos(t), y + 30 * np.sin(t))], fill=(220, 220, 220, 255), width=1 + k % 2)
+            d.polygon([(x, y)] + [(x - 12 * np.cos(t + s), y - 12 * np.sin(t + s)) for s in (2.6, -2.6)],
+                      fill=(220, 220, 220, 255))
+        raw, clean = _frame_with(rng, k, arrow)
+        grey = np.asarray(Image.fromarray(raw).convert("L"))
+        out = np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])
+        strokes = rr.stroke_pixels(grey) & (grey != clean)
+        assert strokes.sum() >= 10 and not ((out != grey) & ~rr.grow_mask(grey != clean, 2)).any(), k
+        removed.append((strokes & (out != grey)).sum() / strokes.sum())
+    assert sum(r >= 0.9 for r in removed) >= 19, removed                  # measured 21 of 24
+
+
+def test_a_glyph_with_a_solid_head_is_an_arrow_and_a_solid_row_is_not():
+    """glyphs(): an arrowhead (5 px, its solid core 2 px: more than glyph_solid of the piece) on a shaft is
+    found; streaks as big and as bright (reflections) are not: solid pixels in a 4 px row, or a tilted streak whose
+    2 solid pixels fit the 2 px square but which runs out of them both ways (a clean demo frame had one)."""
+    every = np.ones((40, 40), bool)
+    z = np.zeros((40, 40))
+    for r, (x0, x1) in enumerate(((10, 11), (9, 12), (8, 13), (8, 13), (9, 12))):
+        z[10 + r, x0:x1] = 4.0                                            # the head, tip up: solid at (12-13, 10)
+    z[15:22, 10] = 3.0                                                    # shaft
+    assert rr.glyphs(z, every)[10:22, 10].all()
+    z = np.zeros((40, 40))
+    z[10:13, 8:14] = 4.0                                                  # 3 x 6 streak: solid row of 4
+    z[13, 9:13] = z[9, 9:13] = 3.0
+    assert not rr.glyphs(z, every).any()
+    z = np.zeros((40, 40))
+    for i in range(-4, 6):                                                # a tilted streak, thicker in its middle:
+        w = 2 if i in (-1, 0, 1, 2) else 1                                # solid at (20, 20), (21, 21) only, but it
+        z[20 + i, 20 + i - w:21 + i + w] = 3.5                            # runs out of them both ways
+    assert not rr.glyphs(z, every).any()
 
 
 def test_a_box_line_stops_at_the_corner_not_in_the_speckle_past_it():
