@@ -427,7 +427,9 @@ def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: in
 
 TEXT_STRONG = (0.40, 7.5)               # a word has a window past one of these (fill, alternations); speckle that
                                         # passes the seed test barely does
-TEXT_SIDES = 0.26                       # both halves of a window this share of bright pixels: not past a word's end
+TEXT_SIDES = 0.34                       # both halves of a window this share of bright pixels: not past a word's end
+                                        # (14 of a half's 40 px: at 11 the bright speckle past a word's last letter
+                                        # passed; its letters' edges pass what that speckle does)
 TEXT_LETTER = 1.5                       # of a text window, the pixels above this contrast are replaced, with their rim
 TEXT_GROUND = 0.2                       # mean contrast of the non-bright pixels among letters: plain tissue
 
@@ -453,7 +455,8 @@ def text_rows(z, valid, p: CleanParams = CleanParams(), hw: int = 7, hh: int = 2
     core = region
     for _ in range(hh):
         core = core | shift(core, 1, 0, False) | shift(core, -1, 0, False)
-    for _ in range(hw // 2 + 1):                          # window centres lie inside the word: reach its ends
+    for _ in range(hw // 2):                              # window centres lie inside the word: reach its ends
+                                                          # (a step more took speckle touching the last letter)
         core = core | ((shift(core, 0, 1, False) | shift(core, 0, -1, False)) & (z > p.text_bright))
     core &= valid
     return grow_within(core & (z > TEXT_LETTER), core & (z > 0.5), 1)   # what stands out, and its rim

@@ -3911,7 +3911,7 @@ def test_refine_removes_ultrasound_artifacts_and_leaves_the_rest(raw_tree, refin
         assert res.ndim == 2                                                  # greyscale: no colour pixel remains
         assert (np.abs(raw.astype(int) - clean[..., None]).max(2) > 0).sum() > 500   # the demo burned artifacts in
     fig = _figures(triples)
-    assert fig["stroke_removed_pct"] >= 92.0, fig                            # measured 92.2; the issue's target is 90
+    assert fig["stroke_removed_pct"] >= 91.8, fig                            # measured 91.9; the issue's target is 90
     assert fig["changed_beyond_2px"] <= 3, fig                                # measured 2 of 1.5 M; the target is 0
     assert fig["fill_mae"] < 25.0, fig                                       # textured fill: above a smooth fill's
     assert 0.75 < fig["fill_std"] / fig["truth_std"] < 1.35, fig            # speckle like the truth's, no blob
@@ -4434,9 +4434,11 @@ def test_demo_frames_that_were_damaged_keep_the_tissue_beside_their_annotation()
     """Demo frames where the cleaning changed tissue more than 2 px from any annotation: seed 2 #38 (an ROI side run
     on past the box's corner), #48 (a lone dim pixel on the fan's resampled top edge, taken for annotation with its
     halo); seed 3 #24 (a dim ruler joined to the fan by its resampled rim, "continued" into a bright speckle); seed 0
-    #1, #9 (a caliper's gaps painted beside its dots, then their rim). Each is clean of that damage, and its stroke
-    pixels are removed as before (the removal measured then, in %)."""
-    for seed, removed in ((0, {1: 99.2, 9: 97.2}), (2, {38: 93.7, 48: 96.7}), (3, {24: 84.9})):
+    #1, #9 (a caliper's gaps painted beside its dots, then their rim); seed 0 #25, seed 1 #16 (bright speckle touching
+    a word's last letter, taken with the word: 10 and 6 px). Each is clean of that damage, and its stroke pixels are
+    removed as much as when it was fixed (in %)."""
+    for seed, removed in ((0, {1: 99.2, 9: 97.2, 25: 86.7}), (1, {16: 100.0}), (2, {38: 93.7, 48: 96.7}),
+                          (3, {24: 84.9})):
         for k, (raw, clean) in _demo_frames(seed, set(removed)).items():
             refined = np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])
             fig = rr.summarise(rr.frame_metrics(raw, clean, refined))
