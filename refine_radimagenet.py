@@ -356,6 +356,21 @@ LINE_ON = 0.5                           # a line extends along its ridge where i
 LINE_REL = 0.35                         # ... and at least this share of the line's mean contrast (over 33 px about each
                                         # hit within 16 px): it stops at a box's corner, not in the speckle past it
 DOT_SCALE = 1.5                         # a caliper's dots: samples this many caliper_contrast above the sides
+DOT_END_GAP, DOT_END_RUN = 9, 3         # a speck (dot samples within DOT_END_RUN px) at a segment's end, more than
+                                        # DOT_END_GAP px from its other dots, is not painted: something in line with
+                                        # them past the end mark (a thin specular reflection), not a dot
+
+
+def joined_dots(at: np.ndarray) -> np.ndarray:
+    """Which of a segment's dot samples (positions along it, px, ascending) to paint: not a speck (samples within
+    DOT_END_RUN px) at either end that is more than DOT_END_GAP px from the other dots."""
+    cut = np.flatnonzero(np.diff(at) > DOT_END_GAP) + 1
+    keep = np.ones(at.size, bool)
+    if cut.size and at[cut[0] - 1] - at[0] < DOT_END_RUN:
+        keep[:cut[0]] = False
+    if cut.size and at[-1] - at[cut[-1]] < DOT_END_RUN:
+        keep[cut[-1]:] = False
+    return keep
 
 
 def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
@@ -418,6 +433,7 @@ def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: in
         first, last = int(np.argmax(on[0, :q])), len(s) - q + int(np.argmax(on[0, -q:]))   # (the marks), not past them
         dots = np.flatnonzero(((on - side)[0] > DOT_SCALE * p.caliper_contrast) & ok[0])
         dots = dots[(dots >= first) & (dots <= last)]
+        dots = dots[joined_dots(s[dots] * length[a])]
         if dots.size:                                     # paint the dots, not past an end; not the gaps between
             s = s[dots]                                   # them (tissue: the path runs up to 1 px beside the dots)
             out[np.round(ys[i[a]] + dy[a] * s).astype(int), np.round(xs[i[a]] + dx[a] * s).astype(int)] = True

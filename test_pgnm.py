@@ -4420,6 +4420,18 @@ def test_a_dotted_caliper_is_painted_on_its_dots_not_across_the_gaps():
     assert all(found[100:102, x:x + 2].any() for x in range(65, 100, 5))
 
 
+def test_a_bright_speck_in_line_past_a_calipers_end_is_not_one_of_its_dots():
+    """joined_dots: of a segment's dot samples (px along it), a speck (samples within 3 px) at either end more than
+    9 px from the others is not painted (demo seed 3 #5: a thin specular reflection in line with the dots, past the
+    end mark); longer stretches at the ends, sparse dots, and gaps inside the line (faint dots), are kept."""
+    assert rr.joined_dots(np.array([0., 1, 11, 12, 13, 16, 20])).tolist() == [False, False] + [True] * 5
+    assert rr.joined_dots(np.array([0., 1, 2, 3, 20])).tolist() == [True] * 4 + [False]
+    assert rr.joined_dots(np.array([0., 2, 20, 24, 28, 29])).tolist() == [False] * 2 + [True] * 4
+    assert rr.joined_dots(np.array([0., 1, 2, 3, 4, 20, 21, 22, 23])).all()          # two dotted stretches
+    assert rr.joined_dots(np.array([0., 4, 8, 30, 34, 38, 42])).all()                # a gap inside: faint dots
+    assert rr.joined_dots(np.array([0., 9, 18])).all()                                # 9 px apart: dots
+
+
 def _demo_frames(seed, picks):
     """{index: (raw, clean)} of the demo report's frames of `seed` (rendered in order, as --demo-report does)."""
     rng, out = np.random.default_rng(seed), {}
@@ -4435,10 +4447,11 @@ def test_demo_frames_that_were_damaged_keep_the_tissue_beside_their_annotation()
     on past the box's corner), #48 (a lone dim pixel on the fan's resampled top edge, taken for annotation with its
     halo); seed 3 #24 (a dim ruler joined to the fan by its resampled rim, "continued" into a bright speckle); seed 0
     #1, #9 (a caliper's gaps painted beside its dots, then their rim); seed 0 #25, seed 1 #16 (bright speckle touching
-    a word's last letter, taken with the word: 10 and 6 px). Each is clean of that damage, and its stroke pixels are
-    removed as much as when it was fixed (in %)."""
+    a word's last letter, taken with the word: 10 and 6 px); seed 3 #5 (a thin specular reflection in line with a
+    caliper's dots, 9 px past its end mark, painted as a dot: 10 px). Each is clean of that damage, and its stroke
+    pixels are removed as much as when it was fixed (in %)."""
     for seed, removed in ((0, {1: 99.2, 9: 97.2, 25: 86.7}), (1, {16: 100.0}), (2, {38: 93.7, 48: 96.7}),
-                          (3, {24: 84.9})):
+                          (3, {5: 95.1, 24: 84.9})):
         for k, (raw, clean) in _demo_frames(seed, set(removed)).items():
             refined = np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])
             fig = rr.summarise(rr.frame_metrics(raw, clean, refined))
