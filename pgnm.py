@@ -2707,10 +2707,15 @@ def check_resumable(ckpt, source: str) -> None:
     if missing:
         raise UserError(f"{source} is not a resumable pgnm.py checkpoint (no {', '.join(missing)}; "
                         f"model_<phase>.pth holds weights only): to start from its weights use --finetune {source}")
-    wrong = [k for k, kind in RESUME_KEYS.items() if not isinstance(ckpt[k], kind)]
-    wrong += ["model"] * (not wrong and not all(isinstance(k, str) for k in ckpt["model"]))
+    def weights(sd) -> bool:
+        return isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+
+    wrong = [k for k, kind in RESUME_KEYS.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
+    wrong += [k for k in ("model", "policy_net") if k not in wrong and ckpt.get(k) is not None and not weights(ckpt[k])]
     if wrong:                  # written by hand or by another program: restoring it would fail half-way
-        what = f"a {type(ckpt[wrong[0]]).__name__}" if not isinstance(ckpt[wrong[0]], dict) else "keys not names"
+        kind = type(ckpt[wrong[0]]).__name__
+        what = "not a state_dict of named tensors" if isinstance(ckpt[wrong[0]], dict) else \
+            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
         raise UserError(f"{source} is damaged: its '{wrong[0]}' is not what pgnm.py writes ({what}); resume from "
                         f"another checkpoint, or start afresh")
 
@@ -3806,6 +3811,11 @@ BENCH_UNREAD = ("data_path", "output_dir", "resume", "finetune", "epochs", "work
                 "average_last", "save_masks")
 
 
+# Training flags --bench-e2e and --bench-data never read (their PATH is the data; nothing is trained or resumed).
+TIMING_UNREAD = ("data_path", "resume", "finetune", "epochs", "save_every_steps", "average_last", "save_masks")
+MODE_UNREAD = {"--bench": BENCH_UNREAD, "--bench-e2e": TIMING_UNREAD, "--bench-data": TIMING_UNREAD + ("output_dir",)}
+
+
 # Flags that only some runs read: (flag, what reads it) -> given without it, the run would silently ignore them.
 MASK_FLAGS = ("grid", "kernel", "sigma", "noise", "objective", "tau_image", "tau_dataset", "policy_size", "policy_model",
               "policy_lr_ratio", "lr_min")
@@ -3840,14 +3850,16 @@ def refuse_unread_flags(mode: str | None, phase: str | None, args: dict) -> None
     """A usage error naming the flags this command would not read, rather than ignoring them: --average reads none,
     --bench and --bench-e2e time heated steps (no --phase; --bench no data or output flag), and a phase does not
     read another's flags (unread_flags). mode: the --average/--bench* flag given, if any; phase: --phase if given."""
-    ignored = list(args) if mode == "--average" else \
-        ["phase"] * (phase not in (None, "heated") and mode in ("--bench", "--bench-e2e")) \
-        + [k for k in BENCH_UNREAD if k in args and mode == "--bench"]
+    ignored = ["phase"] * (phase is not None and mode == "--average"
+                           or phase not in (None, "heated") and mode in ("--bench", "--bench-e2e")) \
+        + [k for k in (list(args) if mode == "--average" else MODE_UNREAD.get(mode, ())) if k in args]
     if ignored:
         _one_line_usage_error(f"{mode} does not use {', '.join('--' + k.replace('_', '-') for k in ignored)}: "
                               + ("it averages the files as they are" if mode == "--average" else
+                                 "it times the loader on its PATH" if mode == "--bench-data" else
                                  "it times heated steps" + (" on random batches in memory (--bench-e2e PATH times "
-                                                            "them on your data)" if mode == "--bench" else ""))
+                                                            "them on your data)" if mode == "--bench" else
+                                                            " on its PATH"))
                               + "; drop the flag")
     unread = unread_flags(phase or "heated", args) if mode != "--average" else {}
     if unread:                                  # e.g. --phase baseline --noise uniform is no Table 4 ablation

@@ -892,6 +892,10 @@ BAD_FLAGS = [
     (["--bench", "--phase", "finetune"], "--bench does not use --phase"),            # it timed the heated step
     (["--bench", "--data-path", "x"], "--bench does not use --data-path"),           # it timed random batches
     (["--bench-e2e", "x", "--phase", "baseline"], "--bench-e2e does not use --phase"),
+    (["--average", "a.pth", "--phase", "heated"], "--average does not use --phase"),  # these four ran, exit 0
+    (["--bench-e2e", "x", "--data-path", "y"], "--bench-e2e does not use --data-path"),
+    (["--bench-e2e", "x", "--resume", "auto", "--epochs", "9"], "--bench-e2e does not use --resume, --epochs"),
+    (["--bench-data", "x", "--output-dir", "o", "--finetune", "f"], "--bench-data does not use --finetune, --output-dir"),
     (["--bench", "--bench-e2e", "x"], "--bench and --bench-e2e: give one of them"),  # one ran, one was ignored
     (["--average", "a.pth", "--bench"], "--average and --bench: give one of them"),
     (["--bench-e2e", "no_such_dir"], "--bench-e2e no_such_dir does not exist"),          # it said --data-path
@@ -1081,7 +1085,8 @@ def test_resume_from_a_foreign_checkpoint_is_one_line_suggesting_finetune(tmp_pa
 
 
 @pytest.mark.parametrize("damage", [{"model": [1, 2]}, {"model": {7: torch.zeros(1)}}, {"epoch": "3"},
-                                    {"optimizer": None}, {"args": "lr=0.1"}])
+                                    {"optimizer": None}, {"args": "lr=0.1"}, {"epoch": True}, {"epoch": {}},
+                                    {"policy_net": [1]}, {"model": {"conv1.weight": "x"}}])
 def test_resume_from_a_checkpoint_with_a_damaged_entry_is_one_line(tmp_path, capsys, damage):
     """A checkpoint with every key but one of the wrong kind (written by hand or another program) ended in a bare
     AttributeError traceback half-way through the restore."""
