@@ -1684,6 +1684,8 @@ def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
             and {k.split(".")[0] for k in strip_prefixes(policy)} == {"fe", "alpha", "beta"}:    # PolicyNet's keys
         raise UserError(f"{path} holds the policy network's weights (PolicyNet), not a classifier's: give the heated "
                         f"run's model_heated.pth or checkpoint.pth")
+    if obj == {}:
+        raise UserError(f"{path} holds no weights (an empty state_dict): give the file a run wrote, model_<phase>.pth")
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise UserError(f"{path} holds no state_dict of tensors (expected a checkpoint with 'model' or raw weights)")
     return strip_prefixes(obj)
@@ -2704,6 +2706,10 @@ def check_resumable(ckpt, source: str) -> None:
                         f"optimiser for both networks, no step or RNG state); to start from its classifier weights "
                         f"use --finetune {source}")
     missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing and {str(k).split(".")[0] for k in strip_prefixes({str(k): v for k, v in ckpt.items()})} \
+            == {"fe", "alpha", "beta"}:
+        raise UserError(f"{source} holds the policy network's weights (PolicyNet), not a checkpoint: resume from the "
+                        f"run's checkpoint.pth")
     if missing:
         raise UserError(f"{source} is not a resumable pgnm.py checkpoint (no {', '.join(missing)}; "
                         f"model_<phase>.pth holds weights only): to start from its weights use --finetune {source}")

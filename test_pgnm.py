@@ -1168,6 +1168,12 @@ def test_a_policy_networks_weights_given_as_a_classifier_say_so(tmp_path):
         torch.save(obj, tmp_path / name)
         with pytest.raises(pgnm.UserError, match="holds the policy network's weights .PolicyNet., not a classifier"):
             pgnm.main(tiny("finetune", finetune=str(tmp_path / name), output_dir=str(tmp_path / "o")))
+    for name, obj in (("empty.pth", {}), ("emptymodel.pth", {"model": {}})):   # said "pass the --model ..."
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(pgnm.UserError, match=f"{name} holds no weights"):
+            pgnm.main(tiny("finetune", finetune=str(tmp_path / name), output_dir=str(tmp_path / "o")))
+    with pytest.raises(pgnm.UserError, match="bare.pth holds the policy network's weights .PolicyNet., not a checkpoint"):
+        pgnm.main(tiny(resume=str(tmp_path / "bare.pth"), output_dir=str(tmp_path / "r")))   # said "use --finetune"
     torch.save({7: torch.zeros(1)}, tmp_path / "intkeys.pth")       # keys that are not strings: no crash
     with pytest.raises(pgnm.UserError, match="intkeys.pth holds no state_dict of tensors"):
         pgnm.main(tiny("finetune", finetune=str(tmp_path / "intkeys.pth"), output_dir=str(tmp_path / "o")))
