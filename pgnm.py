@@ -3404,11 +3404,12 @@ def claim_output_dir(cfg: Config, info: DistInfo, log):
                     raise UserError(f"--output-dir {cfg.output_dir} holds another run ({earlier[0]}) and --resume "
                                     f"{cfg.resume} is from elsewhere: continuing it here would overwrite that run; "
                                     f"give an --output-dir without a checkpoint")
-                model = os.path.join(cfg.output_dir, f"model_{cfg.phase}.pth")
-                if not earlier and os.path.lexists(model):    # its checkpoints deleted: this run's end would replace it
-                    raise UserError(f"--output-dir {cfg.output_dir} holds a finished run's {os.path.basename(model)} "
-                                    f"and no checkpoint to continue: a new run would overwrite it; choose another "
-                                    f"--output-dir, or move the file away")
+                models = [n for n in sorted(os.listdir(cfg.output_dir)) if re.fullmatch(
+                    rf"model_{cfg.phase}(_avg\d+)?\.pth", n)]      # a run's end (or --average-last) would replace it
+                if not earlier and models:                            # and its checkpoints were deleted
+                    raise UserError(f"--output-dir {cfg.output_dir} holds an earlier run's {models[0]} and no "
+                                    f"checkpoint to continue: a new run would overwrite it; choose another "
+                                    f"--output-dir, or move it away")
                 kept = os.path.join(cfg.output_dir, EPOCH_WEIGHTS)
                 if cfg.average_last and os.path.lexists(kept) and (os.path.islink(kept) or not os.path.isdir(kept)):
                     raise UserError(f"{kept} is in the way of --average-last's folder (a file or a link): move it "

@@ -2351,8 +2351,15 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints_or_appends_to_it
     for resume in ([], ["--resume", "auto"], ["--resume", str(tmp_path / "elsewhere.pth")]):
         assert pgnm.cli([*TINY_CLI, "--output-dir", str(out), *resume]) == 2
         err = _one_error_line(capsys)
-        assert "holds a finished run's model_heated.pth and no checkpoint" in err and "another --output-dir" in err, err
+        assert "holds an earlier run's model_heated.pth and no checkpoint" in err and "another --output-dir" in err, err
         assert (out / "model_heated.pth").read_bytes() == model
+    (out / "model_heated.pth").rename(out / "model_heated_avg2.pth")    # --average-last 2 would have replaced it
+    assert pgnm.cli([*TINY_CLI, "--output-dir", str(out), "--average-last", "2"]) == 2
+    assert "holds an earlier run's model_heated_avg2.pth" in _one_error_line(capsys)
+    assert (out / "model_heated_avg2.pth").read_bytes() == model
+    (out / "model_heated_avg2.pth").rename(out / "model_finetune.pth")  # another phase's model is not in the way
+    assert pgnm.cli([*TINY_CLI, "--epochs", "1", "--output-dir", str(out)]) == 0
+    assert (out / "model_finetune.pth").read_bytes() == model
 
 
 def test_a_lock_file_that_is_a_folder_or_a_link_is_one_line_saying_what_to_do(tmp_path, capsys):
