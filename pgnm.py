@@ -1686,8 +1686,14 @@ def load_classifier_weights(path: str, flag: str = "--finetune") -> dict:
                         f"run's model_heated.pth or checkpoint.pth")
     if obj == {}:
         raise UserError(f"{path} holds no weights (an empty state_dict): give the file a run wrote, model_<phase>.pth")
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise UserError(f"{path} holds no state_dict of tensors (expected a checkpoint with 'model' or raw weights)")
+    odd = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))] \
+        if isinstance(obj, dict) else []
+    if not isinstance(obj, dict) or odd:
+        k = odd[0] if odd else None
+        what = (f"its key {k!r:.40} is not a name" if not isinstance(k, str) else
+                f"its entry {k!r:.40} is a {type(obj[k]).__name__}, not a tensor") if odd else f"it is a {type(obj).__name__}"
+        raise UserError(f"{path} holds no state_dict of tensors ({what}; expected a checkpoint with 'model' or raw "
+                        f"weights)")
     return strip_prefixes(obj)
 
 

@@ -1174,9 +1174,12 @@ def test_a_policy_networks_weights_given_as_a_classifier_say_so(tmp_path):
             pgnm.main(tiny("finetune", finetune=str(tmp_path / name), output_dir=str(tmp_path / "o")))
     with pytest.raises(pgnm.UserError, match="bare.pth holds the policy network's weights .PolicyNet., not a checkpoint"):
         pgnm.main(tiny(resume=str(tmp_path / "bare.pth"), output_dir=str(tmp_path / "r")))   # said "use --finetune"
-    torch.save({7: torch.zeros(1)}, tmp_path / "intkeys.pth")       # keys that are not strings: no crash
-    with pytest.raises(pgnm.UserError, match="intkeys.pth holds no state_dict of tensors"):
-        pgnm.main(tiny("finetune", finetune=str(tmp_path / "intkeys.pth"), output_dir=str(tmp_path / "o")))
+    for name, obj, says in (("intkeys.pth", {"fc.weight": torch.zeros(1), 7: torch.zeros(1)}, "its key 7 is not a name"),
+                            ("lists.pth", {"fc.weight": [0.0]}, "its entry 'fc.weight' is a list, not a tensor"),
+                            ("alist.pth", [torch.zeros(1)], "it is a list")):   # no crash; the first odd entry named
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(pgnm.UserError, match=re.escape(f"{name} holds no state_dict of tensors ({says};")):
+            pgnm.main(tiny("finetune", finetune=str(tmp_path / name), output_dir=str(tmp_path / "o")))
 
 
 def test_finetune_without_a_heated_run_says_what_to_do(tmp_path):
