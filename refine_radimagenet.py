@@ -359,6 +359,10 @@ DOT_SCALE = 1.5                         # a caliper's dots: samples this many ca
 DOT_END_GAP, DOT_END_RUN = 9, 3         # a speck (dot samples within DOT_END_RUN px) at a segment's end, more than
                                         # DOT_END_GAP px from its other dots, is not painted: something in line with
                                         # them past the end mark (a thin specular reflection), not a dot
+CALIPER_WIDE = 0.6                      # a caliper is 1-2 px wide: along it, the darker of the two pixels 1 px to its
+                                        # sides averages at most this contrast (a specular streak, 2-4 px wide, is
+                                        # bright on both sides of a path along it: 0.65-1.7 on seeds 4-11; calipers
+                                        # and what runs over other annotation at most 0.72, and all but 2 of 7947 <= 0.6)
 
 
 def joined_dots(at: np.ndarray) -> np.ndarray:
@@ -375,7 +379,8 @@ def joined_dots(at: np.ndarray) -> np.ndarray:
 
 def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
     """Dotted (or solid) straight segments between two strong peaks: calipers and the like. Each fifth of the segment
-    must average caliper_contrast above the parallel segments 3 px to either side. A segment that runs along the
+    must average caliper_contrast above the parallel segments 3 px to either side, and the segment must be thin (not
+    bright on both sides 1 px off it, as a specular streak is). A segment that runs along the
     found `lines` for half its length is that line (an ROI box's side, which may end on a specular reflection)."""
     ys, xs = peaks(z, valid, p.caliper_peak)
     order = np.argsort(z[ys, xs])[::-1][:max_peaks]
@@ -417,8 +422,9 @@ def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: in
     flank = np.maximum(np.nanmean(plain(2 * ny / 3, 2 * nx / 3), 1), np.nanmean(plain(-2 * ny / 3, -2 * nx / 3), 1)) \
         if cand.size else np.zeros(0)
     thin = flank < p.caliper_flank * np.nanmean(on_plain, 1) if cand.size else np.zeros(0, bool)
+    wide = np.nanmean(np.minimum(plain(ny / 3, nx / 3), plain(-ny / 3, -nx / 3)), 1) if cand.size else np.zeros(0)
     good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
-                & ((gaps < p.caliper_gap) | thin)] if cand.size else cand
+                & ((gaps < p.caliper_gap) | thin) & (wide <= CALIPER_WIDE)] if cand.size else cand
     near, along_lines = np.zeros(z.shape, bool), grow_mask(lines, 1)
     weaker = np.minimum(z[ys[i], xs[i]], z[ys[j], xs[j]])
     for a in good[np.lexsort((-length[good], -weaker[good]))]:   # the strongest ends first (the marks), then longest
