@@ -420,18 +420,19 @@ def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: in
     fifths = [mean(on[:, k * 8:(k + 1) * 8], ok[:, k * 8:(k + 1) * 8]) for k in range(5)]
     side = np.maximum(mean(*along(cand, t, ny, nx)), mean(*along(cand, t, -ny, -nx)))
     lo = np.minimum.reduce(fifths) if cand.size else np.zeros(0)
-    def plain(oy=0.0, ox=0.0):                          # z itself along the segment (no 3 x 3 maxima)
-        py = np.clip(np.round(ys[i[cand]][:, None] + dy[cand][:, None] * t + oy).astype(int), 0, h - 1)
-        px = np.clip(np.round(xs[i[cand]][:, None] + dx[cand][:, None] * t + ox).astype(int), 0, w - 1)
-        return np.where(ok, z[py, px], np.nan)
+    def plain(oy=0.0, ox=0.0, k=slice(None)):           # z itself along the segment (no 3 x 3 maxima)
+        py = np.clip(np.round(ys[i[cand[k]]][:, None] + dy[cand[k]][:, None] * t + oy).astype(int), 0, h - 1)
+        px = np.clip(np.round(xs[i[cand[k]]][:, None] + dx[cand[k]][:, None] * t + ox).astype(int), 0, w - 1)
+        return np.where(ok[k], z[py, px], np.nan)
     on_plain = plain()
     gaps = np.sort(np.where(ok, on_plain, np.inf), 1)[:, len(t) // 5] if cand.size else np.zeros(0)
     flank = np.maximum(np.nanmean(plain(2 * ny / 3, 2 * nx / 3), 1), np.nanmean(plain(-2 * ny / 3, -2 * nx / 3), 1)) \
         if cand.size else np.zeros(0)
     thin = flank < p.caliper_flank * np.nanmean(on_plain, 1) if cand.size else np.zeros(0, bool)
-    wide = np.nanmean(np.minimum(plain(ny / 3, nx / 3), plain(-ny / 3, -nx / 3)), 1) if cand.size else np.zeros(0)
-    good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
-                & ((gaps < p.caliper_gap) | thin) & (wide <= CALIPER_WIDE)] if cand.size else cand
+    k = np.flatnonzero((lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
+                       & ((gaps < p.caliper_gap) | thin)) if cand.size else cand
+    wide = np.nanmean(np.minimum(plain(ny[k] / 3, nx[k] / 3, k), plain(-ny[k] / 3, -nx[k] / 3, k)), 1)
+    good = cand[k[wide <= CALIPER_WIDE]]
     near, along_lines = np.zeros(z.shape, bool), grow_mask(lines, 1)
     weaker = np.minimum(z[ys[i], xs[i]], z[ys[j], xs[j]])
     for a in good[np.lexsort((-length[good], -weaker[good]))]:   # the strongest ends first (the marks), then longest
