@@ -319,7 +319,8 @@ def thin_ridge(z: np.ndarray, ny: int, nx: int) -> np.ndarray:
 def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarray:
     """Horizontal and vertical lines (ROI boxes, rulers): a thin ridge whose mean over each third of a
     2 * line_half + 1 px run is above line_contrast and at least half of the other thirds', extended to its ends
-    through contiguous ridge pixels above LINE_ON and LINE_REL of the line's mean contrast. Known annotation
+    through contiguous ridge pixels above LINE_ON and LINE_REL of the line's mean contrast. The run must be thin (not
+    bright on both sides, as a specular streak is: LINE_WIDE). Known annotation
     (margin, colour) continues a line; outside the fan and in the near field, samples count as bright (no ridge
     along the fan's own border) except in the ring the opening took off (rulers that touch the fan)."""
     half, third = p.line_half, (2 * p.line_half + 1) // 3
@@ -333,7 +334,9 @@ def axis_lines(z, fan, hull, known, p: CleanParams = CleanParams()) -> np.ndarra
         parts = [run_mean(r, dy, dx, -half, -half + third - 1), run_mean(r_fan, dy, dx, -half + third, half - third),
                  run_mean(r, dy, dx, half - third + 1, half)]
         lo, hi = np.minimum.reduce(parts), np.maximum.reduce(parts)
-        hit = (lo > np.where(edge, p.edge_line_contrast, p.line_contrast)) & (lo > 0.5 * hi) & fan & (r_fan > 0.3)
+        beside = np.where(fan, np.minimum(shift(z, ny, nx, 0.0), shift(z, -ny, -nx, 0.0)), 0.0)
+        thin = run_mean(beside, dy, dx, -half, half) <= LINE_WIDE * run_mean(np.where(fan, z, 0.0), dy, dx, -half, half)
+        hit = (lo > np.where(edge, p.edge_line_contrast, p.line_contrast)) & (lo > 0.5 * hi) & fan & (r_fan > 0.3) & thin
         on = (r_fan > np.where(edge, 1.0, 0.3)) & (z > LINE_ON)
         strength = np.where(hit, run_mean(np.where(fan, z, 0.0), dy, dx, -half, half), 0.0)   # of the hits within
         near = run_mean(hit, dy, dx, -half, half)                                              # half a run
@@ -355,10 +358,18 @@ def peaks(z: np.ndarray, valid: np.ndarray, t: float) -> tuple[np.ndarray, np.nd
 LINE_ON = 0.5                           # a line extends along its ridge where it is this much above the local mean
 LINE_REL = 0.35                         # ... and at least this share of the line's mean contrast (over 33 px about each
                                         # hit within 16 px): it stops at a box's corner, not in the speckle past it
+LINE_WIDE = 0.25                        # a line is 1-2 px wide: along its run the darker of the two pixels beside it
+                                        # averages at most this share of the run's mean contrast (a specular streak in
+                                        # the run is bright on both sides: 0.30-0.52 on seeds 4-11; box lines and
+                                        # rulers 99.9% below 0.17, all of 42000 hits on seeds 0-11 below 0.33)
 DOT_SCALE = 1.5                         # a caliper's dots: samples this many caliper_contrast above the sides
 DOT_END_GAP, DOT_END_RUN = 9, 3         # a speck (dot samples within DOT_END_RUN px) at a segment's end, more than
                                         # DOT_END_GAP px from its other dots, is not painted: something in line with
                                         # them past the end mark (a thin specular reflection), not a dot
+CALIPER_WIDE = 0.6                      # a caliper is 1-2 px wide: along it, the darker of the two pixels 1 px to its
+                                        # sides averages at most this contrast (a specular streak, 2-4 px wide, is
+                                        # bright on both sides of a path along it: 0.65-1.7 on seeds 4-11; calipers
+                                        # and segments over other annotation at most 0.72, all but 2 of 7947 <= 0.6)
 
 
 def joined_dots(at: np.ndarray) -> np.ndarray:
@@ -375,7 +386,8 @@ def joined_dots(at: np.ndarray) -> np.ndarray:
 
 def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: int = 150) -> np.ndarray:
     """Dotted (or solid) straight segments between two strong peaks: calipers and the like. Each fifth of the segment
-    must average caliper_contrast above the parallel segments 3 px to either side. A segment that runs along the
+    must average caliper_contrast above the parallel segments 3 px to either side, and the segment must be thin (not
+    bright on both sides 1 px off it, as a specular streak is). A segment that runs along the
     found `lines` for half its length is that line (an ROI box's side, which may end on a specular reflection)."""
     ys, xs = peaks(z, valid, p.caliper_peak)
     order = np.argsort(z[ys, xs])[::-1][:max_peaks]
@@ -408,17 +420,19 @@ def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: in
     fifths = [mean(on[:, k * 8:(k + 1) * 8], ok[:, k * 8:(k + 1) * 8]) for k in range(5)]
     side = np.maximum(mean(*along(cand, t, ny, nx)), mean(*along(cand, t, -ny, -nx)))
     lo = np.minimum.reduce(fifths) if cand.size else np.zeros(0)
-    def plain(oy=0.0, ox=0.0):                          # z itself along the segment (no 3 x 3 maxima)
-        py = np.clip(np.round(ys[i[cand]][:, None] + dy[cand][:, None] * t + oy).astype(int), 0, h - 1)
-        px = np.clip(np.round(xs[i[cand]][:, None] + dx[cand][:, None] * t + ox).astype(int), 0, w - 1)
-        return np.where(ok, z[py, px], np.nan)
+    def plain(oy=0.0, ox=0.0, k=slice(None)):           # z itself along the segment (no 3 x 3 maxima)
+        py = np.clip(np.round(ys[i[cand[k]]][:, None] + dy[cand[k]][:, None] * t + oy).astype(int), 0, h - 1)
+        px = np.clip(np.round(xs[i[cand[k]]][:, None] + dx[cand[k]][:, None] * t + ox).astype(int), 0, w - 1)
+        return np.where(ok[k], z[py, px], np.nan)
     on_plain = plain()
     gaps = np.sort(np.where(ok, on_plain, np.inf), 1)[:, len(t) // 5] if cand.size else np.zeros(0)
     flank = np.maximum(np.nanmean(plain(2 * ny / 3, 2 * nx / 3), 1), np.nanmean(plain(-2 * ny / 3, -2 * nx / 3), 1)) \
         if cand.size else np.zeros(0)
     thin = flank < p.caliper_flank * np.nanmean(on_plain, 1) if cand.size else np.zeros(0, bool)
-    good = cand[(lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
-                & ((gaps < p.caliper_gap) | thin)] if cand.size else cand
+    k = np.flatnonzero((lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
+                       & ((gaps < p.caliper_gap) | thin)) if cand.size else cand
+    wide = np.nanmean(np.minimum(plain(ny[k] / 3, nx[k] / 3, k), plain(-ny[k] / 3, -nx[k] / 3, k)), 1)
+    good = cand[k[wide <= CALIPER_WIDE]]
     near, along_lines = np.zeros(z.shape, bool), grow_mask(lines, 1)
     weaker = np.minimum(z[ys[i], xs[i]], z[ys[j], xs[j]])
     for a in good[np.lexsort((-length[good], -weaker[good]))]:   # the strongest ends first (the marks), then longest

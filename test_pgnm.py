@@ -4426,6 +4426,31 @@ def test_a_box_line_stops_at_the_corner_not_in_the_speckle_past_it():
     assert rr.axis_lines(z, every, every, none)[100, 60:127].all()
 
 
+def test_a_specular_streak_in_a_faint_ridge_is_no_box_line():
+    """axis_lines: a run whose thirds pass only because a specular streak (bright on both sides: 3 px wide) fills one
+    of them is no line (demo seeds 4 and 10: 42 and 45 px of tissue painted along such streaks); the same run with a
+    1 px bright part is one."""
+    every, none = np.ones((224, 224), bool), np.zeros((224, 224), bool)
+    z = np.zeros((224, 224))
+    z[100, 50:86] = 1.2                                                  # a faint ridge (speckle) ...
+    z[100, 50:63], z[[99, 101], 50:63] = 4.0, 2.5                        # ... ending in a streak
+    assert not rr.axis_lines(z, every, every, none).any()
+    z[[99, 101], 50:63], z[100, 50:63] = 0.0, 1.5                        # a thin line
+    assert rr.axis_lines(z, every, every, none)[100, 50:86].all()
+
+
+def test_a_specular_streak_between_two_peaks_is_no_caliper():
+    """caliper_lines: a solid segment between two peaks whose pixels 1 px to both sides are bright too is a specular
+    streak, not a caliper (demo seeds 4, 6, 10: 218 px of tissue painted along them); a 1 px one still is."""
+    every, none = np.ones((224, 224), bool), np.zeros((224, 224), bool)
+    z = np.zeros((224, 224))
+    z[100, 60:85], z[[99, 101], 60:85], z[[98, 102], 60:85] = 3.6, 2.8, 0.4
+    z[100, [60, 84]] = 4.5
+    assert not rr.caliper_lines(z, every, none).any()
+    z[[98, 99, 101, 102], 60:85] = 0.0
+    assert rr.caliper_lines(z, every, none)[100, 60:85].sum() >= 20
+
+
 def test_a_dotted_caliper_is_painted_on_its_dots_not_across_the_gaps():
     """Two + marks joined by 2 px dots with 3 px gaps: every dot is found, no pixel more than 1 px from the ink is
     (the gaps were bridged; on the demo the path ran beside the dots, and the halo and rim of a gap reached 3 px
