@@ -544,15 +544,39 @@ MARK_NOTCHES = {(0, 4): ((1, 1), (1, -1), (-1, 1), (-1, -1)), (2, 6): ((0, 1), (
 MARK_SLACK = 0.3                        # speckle can pass peak, half-arm and notch tests each just: their summed
                                         # margins must exceed this (no true mark in the demo's 270 frames below 0.31)
 MARK_BLACK = -3.0                       # a stroke has tissue on both sides: no pixel this dark within 1 px of them
+MARK_UNEVEN = 0.4                       # a specular reflection seen as a cross: its weakest half-arm under this share of
+                                        # the strongest (the blob's width across, against its length along) ...
+MARK_HALO = 0.2                         # ... the pixels around its piece (above glyph_level) brighter than this on
+                                        # average (a reflection's Gaussian skirt; ink's resampled edge is 1 px) ...
+MARK_FLAT = (0.9, 4)                    # ... and fewer than 4 of the piece's pixels within 90% of its brightest grey
+                                        # (ink fills an arrowhead or a crossing with one grey; a reflection has one peak)
 
 
-def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
+def soft_peaks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
+    """Pixels of pieces above glyph_level that look like a specular reflection, not ink: a bright ring around them
+    (above MARK_HALO) and a single peak (fewer than MARK_FLAT[1] pixels within MARK_FLAT[0] of the brightest grey)."""
+    bright = (z > p.glyph_level) & valid
+    pieces, n = label_components(bright)
+    ring = (dilate(pieces, 1) * (grow_mask(bright, 1) & ~bright & valid)).ravel()
+    halo = np.bincount(ring, z.ravel(), minlength=n + 1) / np.maximum(np.bincount(ring, minlength=n + 1), 1)
+    top = np.zeros(n + 1)
+    np.maximum.at(top, pieces.ravel(), grey.ravel())
+    flat = np.bincount(pieces.ravel(), (grey > MARK_FLAT[0] * top[pieces]).ravel(), minlength=n + 1)
+    soft = (halo > MARK_HALO) & (flat < MARK_FLAT[1])
+    soft[0] = False
+    return soft[pieces]
+
+
+def small_marks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
     """Cross marks (+, x: a peak whose two arms, each bright on both sides of it, outshine every direction 45 degrees
     or more from both, with dark pixels between the arms next to the peak) and short vertical strokes (speckle and
-    specular reflections run across the beam, i.e. mostly horizontally)."""
+    specular reflections run across the beam, i.e. mostly horizontally). An elongated reflection passes the cross
+    test with its length and width as the arms: a peak whose arms are uneven (weakest half-arm under MARK_UNEVEN of
+    the strongest) on a soft_peaks piece is none (a cross's arms are alike; an arrowhead's ink is flat and sharp)."""
     zv = np.where(valid, z, 0.0)
     blob = grow_mask(box_mean(erode((zv > MARK_SOLID).astype(np.uint8), 1), 1) > 4.5 / 9, 2)   # specular
     ys, xs = np.nonzero((z > p.cross_peak) & valid & ~blob)   # the test runs at the candidate peaks only
+    soft = soft_peaks(z, valid, grey, p)[ys, xs]
     zp = np.pad(zv, 4)                                    # 0 outside the frame (as shift fills)
     at = lambda oy, ox: zp[ys + 4 + oy, xs + 4 + ox]  # noqa: E731
 
@@ -570,7 +594,8 @@ def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
         arms = np.minimum(half[a] + half[a + 8], half[b] + half[b + 8]) / 2
         weakest = np.minimum.reduce([half[a], half[a + 8], half[b], half[b + 8]])
         notch = np.sort([at(oy, ox) for oy, ox in MARK_NOTCHES[(a, b)]], 0)[:2].mean(0)
-        thin = (weakest > MARK_HALF) & (notch < arms - MARK_NOTCH) & \
+        uneven = weakest < MARK_UNEVEN * np.maximum.reduce([half[a], half[a + 8], half[b], half[b + 8]])
+        thin = (weakest > MARK_HALF) & (notch < arms - MARK_NOTCH) & ~(uneven & soft) & \
             ((zc - p.cross_peak) + (weakest - MARK_HALF) + (arms - notch - MARK_NOTCH) > MARK_SLACK)
         best = np.maximum(best, np.where(thin, arms - others, -np.inf))
     cross = np.zeros(z.shape, bool)
@@ -629,7 +654,7 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
                                       p.continue_steps) & tissue,
              "lines": lines,
              "calipers": caliper_lines(z, inner, lines, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
-             "marks": small_marks(z, inner, p), "skin": skin_lines(grey, tissue)}
+             "marks": small_marks(z, inner, grey, p), "skin": skin_lines(grey, tissue)}
     parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
     parts["rim"] = stroke_rim(grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), z, grey, tissue)
     return parts, fan, hull

@@ -4483,3 +4483,22 @@ def test_clean_keeps_every_pixel_of_frames_crowded_with_specular_reflections():
         frame = np.asarray(Image.fromarray(clean).resize((224, 224), rr.RESIZE_FILTERS[k % 3]))
         out, changed = rr.clean_ultrasound(Image.fromarray(frame))
         assert changed == 0 and np.array_equal(np.asarray(out), frame)
+
+
+def test_a_specular_reflection_with_a_cross_shaped_peak_is_not_a_mark():
+    """small_marks: an elongated reflection passes the cross test with its length and width as arms (uneven ones), on
+    a piece with a soft skirt and a single peak; it is kept (demo seed 7 #14: 22 px changed around one; seed 108's
+    second annotation-free frame, rendered as the crowded frames above: 22 px), and the frame's marks still go."""
+    (raw, clean), = _demo_frames(7, {14}).values()
+    fig = rr.summarise(rr.frame_metrics(raw, clean, np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])))
+    assert fig["changed_beyond_2px"] == 0 and fig["stroke_removed_pct"] >= 61.9, fig     # removed as before
+    rng = np.random.default_rng(108)
+    w, h = rr.SCANNER_SIZE
+    rr._probe(rng, w, h), rr.clean_frame(rng, w, h)                        # the first frame: plain
+    inside, depth, ang = rr._probe(rng, w, h)
+    s = rr._speckle(rng, (h, w))
+    spec = np.maximum.reduce([rr._speculars(rng, inside, depth, ang) for _ in range(3)])
+    img = rr._echogenicity(rng, inside, depth) * s * 0.85 + spec * (0.8 + 0.2 * np.minimum(s, 1.5))
+    frame = np.clip(img * inside * 255, 0, 255).round().astype(np.uint8)
+    frame = np.asarray(Image.fromarray(frame).resize((224, 224), rr.RESIZE_FILTERS[1]))
+    assert rr.clean_ultrasound(Image.fromarray(frame))[1] == 0
