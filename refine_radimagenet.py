@@ -492,12 +492,20 @@ GLYPH_TAIL = 4                          # ... and its pixels further than this f
                                         # a thin tilted reflection's streak runs out of its core both ways)
 
 
-def glyphs(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
+GLYPH_SMOOTH = (0.1, 5, 0.85, 11)       # a glyph with its ring above this mean contrast (though below glyph_ring), fewer
+                                        # than this many pixels within MARK_FLAT[0] of its brightest grey and this share
+                                        # of its convex hull filled is a reflection: an elliptical blob or straight
+                                        # streak with one peak (letters, crosses and arrows bend or branch, ink is flat);
+                                        # if it has this many pixels (a smaller cross or arrowhead fills its hull)
+
+
+def glyphs(z, valid, p: CleanParams = CleanParams(), grey=None) -> np.ndarray:
     """Marks, arrows, letters over tissue: connected pieces of pixels above glyph_level that are big enough, bright
     on average, thin (no pixel with all 8 neighbours in the piece, or few; or an arrowhead: a solid core within a
     GLYPH_HEAD px square, the pixels beyond GLYPH_TAIL px of it on one side) and on plain tissue (the pixels around
     them are not bright). Speckle makes small or dim pieces, a specular reflection a solid one (a row of solid pixels,
-    or a streak running out of its core both ways) in a bright halo."""
+    or a streak running out of its core both ways) in a bright halo, or (given grey) a convex one with a single peak
+    in a faint halo (GLYPH_SMOOTH)."""
     bright = (z > p.glyph_level) & valid
     pieces, n = label_components(bright)
     if not n:
@@ -526,6 +534,11 @@ def glyphs(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
         tail = d > GLYPH_TAIL
         vy, vx = vy[tail] / d[tail], vx[tail] / d[tail]
         keep[c] = not tail.any() or (np.outer(vy, vy) + np.outer(vx, vx)).min() > -0.5
+    if grey is not None:
+        flat = halo_and_flat(pieces, n, z, grey, valid)[1]
+        for c in np.flatnonzero(keep & (around > GLYPH_SMOOTH[0]) & (flat < GLYPH_SMOOTH[1]) & (size >= GLYPH_SMOOTH[3])):
+            m = pieces == c
+            keep[c] = m.sum() < GLYPH_SMOOTH[2] * convex_hull(m).sum()
     keep[0] = False
     return keep[pieces]
 
@@ -552,16 +565,21 @@ MARK_FLAT = (0.9, 4)                    # ... and fewer than 4 of the piece's pi
                                         # (ink fills an arrowhead or a crossing with one grey; a reflection has one peak)
 
 
-def soft_peaks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
-    """Pixels of pieces above glyph_level that look like a specular reflection, not ink: a bright ring around them
-    (above MARK_HALO) and a single peak (fewer than MARK_FLAT[1] pixels within MARK_FLAT[0] of the brightest grey)."""
-    bright = (z > p.glyph_level) & valid
-    pieces, n = label_components(bright)
-    ring = (dilate(pieces, 1) * (grow_mask(bright, 1) & ~bright & valid)).ravel()
+def halo_and_flat(pieces, n, z, grey, valid) -> tuple[np.ndarray, np.ndarray]:
+    """Per piece (label 0..n): the mean contrast of the valid pixels around it, and how many of its pixels are within
+    MARK_FLAT[0] of its brightest grey."""
+    ring = (dilate(pieces, 1) * (grow_mask(pieces > 0, 1) & (pieces == 0) & valid)).ravel()
     halo = np.bincount(ring, z.ravel(), minlength=n + 1) / np.maximum(np.bincount(ring, minlength=n + 1), 1)
     top = np.zeros(n + 1)
     np.maximum.at(top, pieces.ravel(), grey.ravel())
-    flat = np.bincount(pieces.ravel(), (grey > MARK_FLAT[0] * top[pieces]).ravel(), minlength=n + 1)
+    return halo, np.bincount(pieces.ravel(), (grey > MARK_FLAT[0] * top[pieces]).ravel(), minlength=n + 1)
+
+
+def soft_peaks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
+    """Pixels of pieces above glyph_level that look like a specular reflection, not ink: a bright ring around them
+    (above MARK_HALO) and a single peak (fewer than MARK_FLAT[1] pixels within MARK_FLAT[0] of the brightest grey)."""
+    pieces, n = label_components((z > p.glyph_level) & valid)
+    halo, flat = halo_and_flat(pieces, n, z, grey, valid)
     soft = (halo > MARK_HALO) & (flat < MARK_FLAT[1])
     soft[0] = False
     return soft[pieces]
@@ -655,7 +673,8 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
              "lines": lines,
              "calipers": caliper_lines(z, inner, lines, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
              "marks": small_marks(z, inner, grey, p), "skin": skin_lines(grey, tissue)}
-    parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
+    parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p,
+                             grey)
     parts["rim"] = stroke_rim(grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), z, grey, tissue)
     return parts, fan, hull
 
