@@ -534,11 +534,11 @@ def glyphs(z, valid, p: CleanParams = CleanParams(), grey=None) -> np.ndarray:
         tail = d > GLYPH_TAIL
         vy, vx = vy[tail] / d[tail], vx[tail] / d[tail]
         keep[c] = not tail.any() or (np.outer(vy, vy) + np.outer(vx, vx)).min() > -0.5
-    if grey is not None:
-        flat = halo_and_flat(pieces, n, z, grey, valid)[1]
-        for c in np.flatnonzero(keep & (around > GLYPH_SMOOTH[0]) & (flat < GLYPH_SMOOTH[1]) & (size >= GLYPH_SMOOTH[3])):
-            m = pieces == c
-            keep[c] = m.sum() < GLYPH_SMOOTH[2] * convex_hull(m).sum()
+    smooth = keep & (around > GLYPH_SMOOTH[0]) & (size >= GLYPH_SMOOTH[3]) if grey is not None else []
+    for c in np.flatnonzero(smooth):
+        m = pieces == c
+        keep[c] = (grey[m] > MARK_FLAT[0] * grey[m].max()).sum() >= GLYPH_SMOOTH[1] or \
+            m.sum() < GLYPH_SMOOTH[2] * convex_hull(m).sum()
     keep[0] = False
     return keep[pieces]
 
@@ -594,7 +594,6 @@ def small_marks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
     zv = np.where(valid, z, 0.0)
     blob = grow_mask(box_mean(erode((zv > MARK_SOLID).astype(np.uint8), 1), 1) > 4.5 / 9, 2)   # specular
     ys, xs = np.nonzero((z > p.cross_peak) & valid & ~blob)   # the test runs at the candidate peaks only
-    soft = soft_peaks(z, valid, grey, p)[ys, xs]
     zp = np.pad(zv, 4)                                    # 0 outside the frame (as shift fills)
     at = lambda oy, ox: zp[ys + 4 + oy, xs + 4 + ox]  # noqa: E731
 
@@ -606,16 +605,20 @@ def small_marks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
         return out
     half, far = spokes((1, 2)), spokes(MARK_OTHERS)
     gap = lambda a, b: min(abs(a - b) % 8, 8 - abs(a - b) % 8)  # noqa: E731
-    zc, best = z[ys, xs], np.full(len(ys), -np.inf)
+    zc, best, uneven_best = z[ys, xs], np.full(len(ys), -np.inf), np.full(len(ys), -np.inf)
     for a, b in MARK_ARMS:
         others = np.maximum.reduce([(far[c] + far[c + 8]) / 2 for c in range(8) if gap(c, a) >= 2 and gap(c, b) >= 2])
         arms = np.minimum(half[a] + half[a + 8], half[b] + half[b + 8]) / 2
         weakest = np.minimum.reduce([half[a], half[a + 8], half[b], half[b + 8]])
         notch = np.sort([at(oy, ox) for oy, ox in MARK_NOTCHES[(a, b)]], 0)[:2].mean(0)
         uneven = weakest < MARK_UNEVEN * np.maximum.reduce([half[a], half[a + 8], half[b], half[b + 8]])
-        thin = (weakest > MARK_HALF) & (notch < arms - MARK_NOTCH) & ~(uneven & soft) & \
+        thin = (weakest > MARK_HALF) & (notch < arms - MARK_NOTCH) & \
             ((zc - p.cross_peak) + (weakest - MARK_HALF) + (arms - notch - MARK_NOTCH) > MARK_SLACK)
-        best = np.maximum(best, np.where(thin, arms - others, -np.inf))
+        best = np.maximum(best, np.where(thin & ~uneven, arms - others, -np.inf))
+        uneven_best = np.maximum(uneven_best, np.where(thin & uneven, arms - others, -np.inf))
+    doubt = (uneven_best > p.cross_arms) & (best <= p.cross_arms)   # only these need the (slower) reflection test
+    if doubt.any():
+        best = np.where(doubt & soft_peaks(z, valid, grey, p)[ys, xs], best, np.maximum(best, uneven_best))
     cross = np.zeros(z.shape, bool)
     cross[ys[best > p.cross_arms], xs[best > p.cross_arms]] = True
     sides = valid & ~grow_mask(z < MARK_BLACK, 1)         # a fan edge beside black is no stroke's side
