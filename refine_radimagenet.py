@@ -506,12 +506,20 @@ GLYPH_TAIL = 4                          # ... and its pixels further than this f
                                         # a thin tilted reflection's streak runs out of its core both ways)
 
 
-def glyphs(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
+GLYPH_SMOOTH = (0.1, 5, 0.85, 11)       # a glyph with its ring above this mean contrast (though below glyph_ring), fewer
+                                        # than this many pixels within MARK_FLAT[0] of its brightest grey and this share
+                                        # of its convex hull filled is a reflection: an elliptical blob or straight
+                                        # streak with one peak (letters, crosses and arrows bend or branch, ink is flat);
+                                        # if it has this many pixels (a smaller cross or arrowhead fills its hull)
+
+
+def glyphs(z, valid, p: CleanParams = CleanParams(), grey=None) -> np.ndarray:
     """Marks, arrows, letters over tissue: connected pieces of pixels above glyph_level that are big enough, bright
     on average, thin (no pixel with all 8 neighbours in the piece, or few; or an arrowhead: a solid core within a
     GLYPH_HEAD px square, the pixels beyond GLYPH_TAIL px of it on one side) and on plain tissue (the pixels around
     them are not bright). Speckle makes small or dim pieces, a specular reflection a solid one (a row of solid pixels,
-    or a streak running out of its core both ways) in a bright halo."""
+    or a streak running out of its core both ways) in a bright halo, or (given grey) a convex one with a single peak
+    in a faint halo (GLYPH_SMOOTH)."""
     bright = (z > p.glyph_level) & valid
     pieces, n = label_components(bright)
     if not n:
@@ -540,6 +548,11 @@ def glyphs(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
         tail = d > GLYPH_TAIL
         vy, vx = vy[tail] / d[tail], vx[tail] / d[tail]
         keep[c] = not tail.any() or (np.outer(vy, vy) + np.outer(vx, vx)).min() > -0.5
+    smooth = keep & (around > GLYPH_SMOOTH[0]) & (size >= GLYPH_SMOOTH[3]) if grey is not None else []
+    for c in np.flatnonzero(smooth):
+        m = pieces == c
+        keep[c] = (grey[m] > MARK_FLAT[0] * grey[m].max()).sum() >= GLYPH_SMOOTH[1] or \
+            m.sum() < GLYPH_SMOOTH[2] * convex_hull(m).sum()
     keep[0] = False
     return keep[pieces]
 
@@ -558,12 +571,40 @@ MARK_NOTCHES = {(0, 4): ((1, 1), (1, -1), (-1, 1), (-1, -1)), (2, 6): ((0, 1), (
 MARK_SLACK = 0.3                        # speckle can pass peak, half-arm and notch tests each just: their summed
                                         # margins must exceed this (no true mark in the demo's 270 frames below 0.31)
 MARK_BLACK = -3.0                       # a stroke has tissue on both sides: no pixel this dark within 1 px of them
+MARK_UNEVEN = 0.4                       # a specular reflection seen as a cross: its weakest half-arm under this share of
+                                        # the strongest (the blob's width across, against its length along) ...
+MARK_HALO = 0.2                         # ... the pixels around its piece (above glyph_level) brighter than this on
+                                        # average (a reflection's Gaussian skirt; ink's resampled edge is 1 px) ...
+MARK_FLAT = (0.9, 4)                    # ... and fewer than 4 of the piece's pixels within 90% of its brightest grey
+                                        # (ink fills an arrowhead or a crossing with one grey; a reflection has one peak)
 
 
-def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
+def halo_and_flat(pieces, n, z, grey, valid) -> tuple[np.ndarray, np.ndarray]:
+    """Per piece (label 0..n): the mean contrast of the valid pixels around it, and how many of its pixels are within
+    MARK_FLAT[0] of its brightest grey."""
+    ring = (dilate(pieces, 1) * (grow_mask(pieces > 0, 1) & (pieces == 0) & valid)).ravel()
+    halo = np.bincount(ring, z.ravel(), minlength=n + 1) / np.maximum(np.bincount(ring, minlength=n + 1), 1)
+    top = np.zeros(n + 1)
+    np.maximum.at(top, pieces.ravel(), grey.ravel())
+    return halo, np.bincount(pieces.ravel(), (grey > MARK_FLAT[0] * top[pieces]).ravel(), minlength=n + 1)
+
+
+def soft_peaks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
+    """Pixels of pieces above glyph_level that look like a specular reflection, not ink: a bright ring around them
+    (above MARK_HALO) and a single peak (fewer than MARK_FLAT[1] pixels within MARK_FLAT[0] of the brightest grey)."""
+    pieces, n = label_components((z > p.glyph_level) & valid)
+    halo, flat = halo_and_flat(pieces, n, z, grey, valid)
+    soft = (halo > MARK_HALO) & (flat < MARK_FLAT[1])
+    soft[0] = False
+    return soft[pieces]
+
+
+def small_marks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
     """Cross marks (+, x: a peak whose two arms, each bright on both sides of it, outshine every direction 45 degrees
     or more from both, with dark pixels between the arms next to the peak) and short vertical strokes (speckle and
-    specular reflections run across the beam, i.e. mostly horizontally)."""
+    specular reflections run across the beam, i.e. mostly horizontally). An elongated reflection passes the cross
+    test with its length and width as the arms: a peak whose arms are uneven (weakest half-arm under MARK_UNEVEN of
+    the strongest) on a soft_peaks piece is none (a cross's arms are alike; an arrowhead's ink is flat and sharp)."""
     zv = np.where(valid, z, 0.0)
     blob = grow_mask(box_mean(erode((zv > MARK_SOLID).astype(np.uint8), 1), 1) > 4.5 / 9, 2)   # specular
     ys, xs = np.nonzero((z > p.cross_peak) & valid & ~blob)   # the test runs at the candidate peaks only
@@ -578,15 +619,20 @@ def small_marks(z, valid, p: CleanParams = CleanParams()) -> np.ndarray:
         return out
     half, far = spokes((1, 2)), spokes(MARK_OTHERS)
     gap = lambda a, b: min(abs(a - b) % 8, 8 - abs(a - b) % 8)  # noqa: E731
-    zc, best = z[ys, xs], np.full(len(ys), -np.inf)
+    zc, best, uneven_best = z[ys, xs], np.full(len(ys), -np.inf), np.full(len(ys), -np.inf)
     for a, b in MARK_ARMS:
         others = np.maximum.reduce([(far[c] + far[c + 8]) / 2 for c in range(8) if gap(c, a) >= 2 and gap(c, b) >= 2])
         arms = np.minimum(half[a] + half[a + 8], half[b] + half[b + 8]) / 2
         weakest = np.minimum.reduce([half[a], half[a + 8], half[b], half[b + 8]])
         notch = np.sort([at(oy, ox) for oy, ox in MARK_NOTCHES[(a, b)]], 0)[:2].mean(0)
+        uneven = weakest < MARK_UNEVEN * np.maximum.reduce([half[a], half[a + 8], half[b], half[b + 8]])
         thin = (weakest > MARK_HALF) & (notch < arms - MARK_NOTCH) & \
             ((zc - p.cross_peak) + (weakest - MARK_HALF) + (arms - notch - MARK_NOTCH) > MARK_SLACK)
-        best = np.maximum(best, np.where(thin, arms - others, -np.inf))
+        best = np.maximum(best, np.where(thin & ~uneven, arms - others, -np.inf))
+        uneven_best = np.maximum(uneven_best, np.where(thin & uneven, arms - others, -np.inf))
+    doubt = (uneven_best > p.cross_arms) & (best <= p.cross_arms)   # only these need the (slower) reflection test
+    if doubt.any():
+        best = np.where(doubt & soft_peaks(z, valid, grey, p)[ys, xs], best, np.maximum(best, uneven_best))
     cross = np.zeros(z.shape, bool)
     cross[ys[best > p.cross_arms], xs[best > p.cross_arms]] = True
     sides = valid & ~grow_mask(z < MARK_BLACK, 1)         # a fan edge beside black is no stroke's side
@@ -643,8 +689,9 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
                                       p.continue_steps) & tissue,
              "lines": lines,
              "calipers": caliper_lines(z, inner, lines, p), "text": text_rows(z, below_top(tissue, p.text_near_field), p),
-             "marks": small_marks(z, inner, p), "skin": skin_lines(grey, tissue)}
-    parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p)
+             "marks": small_marks(z, inner, grey, p), "skin": skin_lines(grey, tissue)}
+    parts["glyphs"] = glyphs(z, inner & ~np.logical_or.reduce([parts[k] for k in ("continued", "lines", "calipers", "text")]), p,
+                             grey)
     parts["rim"] = stroke_rim(grow_mask(np.logical_or.reduce(list(parts.values())), p.halo), z, grey, tissue)
     return parts, fan, hull
 

@@ -3932,7 +3932,7 @@ def test_refine_removes_ultrasound_artifacts_and_leaves_the_rest(raw_tree, refin
         assert res.ndim == 2                                                  # greyscale: no colour pixel remains
         assert (np.abs(raw.astype(int) - clean[..., None]).max(2) > 0).sum() > 500   # the demo burned artifacts in
     fig = _figures(triples)
-    assert fig["stroke_removed_pct"] >= 91.8, fig                            # measured 91.9; the issue's target is 90
+    assert fig["stroke_removed_pct"] >= 91.7, fig                            # measured 91.73; the issue's target is 90
     assert fig["changed_beyond_2px"] <= 3, fig                                # measured 2 of 1.5 M; the target is 0
     assert fig["fill_mae"] < 25.0, fig                                       # textured fill: above a smooth fill's
     assert 0.75 < fig["fill_std"] / fig["truth_std"] < 1.35, fig            # speckle like the truth's, no blob
@@ -4518,3 +4518,45 @@ def test_clean_keeps_every_pixel_of_frames_crowded_with_specular_reflections():
         frame = np.asarray(Image.fromarray(clean).resize((224, 224), rr.RESIZE_FILTERS[k % 3]))
         out, changed = rr.clean_ultrasound(Image.fromarray(frame))
         assert changed == 0 and np.array_equal(np.asarray(out), frame)
+
+
+def test_a_specular_reflection_with_a_cross_shaped_peak_is_not_a_mark():
+    """small_marks: an elongated reflection passes the cross test with its length and width as arms (uneven ones), on
+    a piece with a soft skirt and a single peak; it is kept (demo seed 7 #14: 22 px changed around one; seed 108's
+    second annotation-free frame, rendered as the crowded frames above: 22 px), and the frame's marks still go."""
+    (raw, clean), = _demo_frames(7, {14}).values()
+    fig = rr.summarise(rr.frame_metrics(raw, clean, np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])))
+    assert fig["changed_beyond_2px"] == 0 and fig["stroke_removed_pct"] >= 61.9, fig     # removed as before
+    rng = np.random.default_rng(108)
+    w, h = rr.SCANNER_SIZE
+    rr._probe(rng, w, h), rr.clean_frame(rng, w, h)                        # the first frame: plain
+    inside, depth, ang = rr._probe(rng, w, h)
+    s = rr._speckle(rng, (h, w))
+    spec = np.maximum.reduce([rr._speculars(rng, inside, depth, ang) for _ in range(3)])
+    img = rr._echogenicity(rng, inside, depth) * s * 0.85 + spec * (0.8 + 0.2 * np.minimum(s, 1.5))
+    frame = np.clip(img * inside * 255, 0, 255).round().astype(np.uint8)
+    frame = np.asarray(Image.fromarray(frame).resize((224, 224), rr.RESIZE_FILTERS[1]))
+    assert rr.clean_ultrasound(Image.fromarray(frame))[1] == 0
+
+
+def test_a_convex_glyph_with_one_peak_in_a_faint_halo_is_a_reflection():
+    """glyphs() given grey: a piece with a faint bright ring (under glyph_ring), a single peak and its convex hull
+    nearly filled is a specular reflection (an elliptical blob or a straight streak), not a glyph: demo seed 6 #0 (a
+    small blob, 32 px changed) and seed 8 #28 (one cut by the fan's edge, 28 px) keep their tissue and lose no
+    annotation; a cross and a letter as big and in the same halo bend, and stay glyphs."""
+    for seed, k, removed in ((6, 0, 65.6), (8, 28, 96.8)):
+        (raw, clean), = _demo_frames(seed, {k}).values()
+        fig = rr.summarise(rr.frame_metrics(raw, clean, np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])))
+        assert fig["changed_beyond_2px"] == 0 and fig["stroke_removed_pct"] >= removed, (seed, k, fig)
+    every = np.ones((40, 40), bool)
+    z = np.zeros((40, 40))
+    z[20, 14:27] = 2.4 + 2.6 * np.exp(-0.5 * ((np.arange(14, 27) - 20) / 1.5) ** 2)    # a streak, 2 px wide,
+    z[21] = 0.9 * z[20]                                                           # peaked in the middle of its top row
+    z = np.where(z > 0, z, np.where(rr.grow_mask(z > 0, 1), 0.15, 0.0))          # its ring 0.15 (a soft skirt)
+    grey = 60 + 30 * z
+    assert rr.glyphs(z, every).any() and not rr.glyphs(z, every, grey=grey).any()
+    x = np.zeros((40, 40))
+    for i in range(-4, 5):
+        x[20 + i, 20 + i] = x[20 + i, 20 - i] = 4.0                               # an x: 17 px, bent
+    x = np.where(x > 0, x, np.where(rr.grow_mask(x > 0, 1), 0.15, 0.0))
+    assert rr.glyphs(x, every, grey=60 + 30 * x)[20, 20]
