@@ -132,6 +132,14 @@ def run_mean(a: np.ndarray, dy: int, dx: int, k0: int, k1: int) -> np.ndarray:
     return (np.take(c, hi, axis=axis) - np.take(c, lo, axis=axis)) / (k1 - k0 + 1)
 
 
+def row_nanmean(a: np.ndarray) -> np.ndarray:
+    """np.nanmean(a, 1) without its RuntimeWarning for a row with no finite value (NaN there too, so comparisons
+    with it are False): a segment wholly off the frame, on a large frame, printed "Mean of empty slice"."""
+    ok = np.isfinite(a)
+    n = ok.sum(1)
+    return np.where(n > 0, np.where(ok, a, 0.0).sum(1) / np.maximum(n, 1), np.nan)
+
+
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected components of a boolean mask: (labels, 0 = background, 1..n; n), by label propagation over
     neighbour pairs with pointer jumping."""
@@ -426,12 +434,12 @@ def caliper_lines(z, valid, lines, p: CleanParams = CleanParams(), max_peaks: in
         return np.where(ok[k], z[py, px], np.nan)
     on_plain = plain()
     gaps = np.sort(np.where(ok, on_plain, np.inf), 1)[:, len(t) // 5] if cand.size else np.zeros(0)
-    flank = np.maximum(np.nanmean(plain(2 * ny / 3, 2 * nx / 3), 1), np.nanmean(plain(-2 * ny / 3, -2 * nx / 3), 1)) \
+    flank = np.maximum(row_nanmean(plain(2 * ny / 3, 2 * nx / 3)), row_nanmean(plain(-2 * ny / 3, -2 * nx / 3))) \
         if cand.size else np.zeros(0)
-    thin = flank < p.caliper_flank * np.nanmean(on_plain, 1) if cand.size else np.zeros(0, bool)
+    thin = flank < p.caliper_flank * row_nanmean(on_plain) if cand.size else np.zeros(0, bool)
     k = np.flatnonzero((lo - side > p.caliper_contrast) & (lo > 0.4 * np.maximum.reduce(fifths)) & (ok.mean(1) > 0.9)
                        & ((gaps < p.caliper_gap) | thin)) if cand.size else cand
-    wide = np.nanmean(np.minimum(plain(ny[k] / 3, nx[k] / 3, k), plain(-ny[k] / 3, -nx[k] / 3, k)), 1)
+    wide = row_nanmean(np.minimum(plain(ny[k] / 3, nx[k] / 3, k), plain(-ny[k] / 3, -nx[k] / 3, k)))
     good = cand[k[wide <= CALIPER_WIDE]]
     near, along_lines = np.zeros(z.shape, bool), grow_mask(lines, 1)
     weaker = np.minimum(z[ys[i], xs[i]], z[ys[j], xs[j]])
