@@ -675,6 +675,27 @@ def skin_lines(grey, fan) -> np.ndarray:
     return run_mean(flat.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF) > 0
 
 
+FLAT_HALF = 8                           # a ruler or ROI line is one flat grey: along 2 * FLAT_HALF px of it, ...
+FLAT_TOL = 3                            # ... FLAT_SHARE of the steps from a px to the next change grey by at most
+FLAT_SHARE = 0.8                        # FLAT_TOL (speckle, even resampled, changes by more at nearly every step), ...
+FLAT_LEVEL = 40                         # ... on px at least this bright (anechoic tissue is flat, but dark), ...
+FLAT_SIDE = 0.5                         # ... with both px just outside a 1-2 px band through them darker than this
+                                        # share of them (a thin line, not the flat top of a saturated reflection)
+
+
+def flat_lines(grey) -> np.ndarray:
+    """Horizontal and vertical lines of one flat grey (a depth ruler 1-2 px off a rectangular image, joined to it by
+    the resize's dim halo, so that estimate_fan takes it for tissue; ROI sides): thin runs of 2 * FLAT_HALF px along
+    which the grey stays within FLAT_TOL from px to px."""
+    out = np.zeros(grey.shape, bool)
+    for (ny, nx), (dy, dx) in (((1, 0), (0, 1)), ((0, 1), (1, 0))):
+        s = {k: shift(grey, k * ny, k * nx, 0.0) for k in (-2, -1, 1, 2)}
+        thin = np.minimum(np.maximum(s[-1], s[2]), np.maximum(s[-2], s[1])) < FLAT_SIDE * grey
+        same = (np.abs(shift(grey, dy, dx, -99.0) - grey) <= FLAT_TOL) & thin & (grey >= FLAT_LEVEL)
+        out |= run_mean(same.astype(np.float64), dy, dx, -FLAT_HALF, FLAT_HALF - 1) >= FLAT_SHARE
+    return out
+
+
 MARGIN_INK = 2                          # annotation continues into the fan from margin pixels this many times
                                         # black_level, through them only: the fan's resampled rim is dimmer
 
@@ -689,10 +710,11 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
     tissue = fan & ~colour
     z = local_contrast(grey, tissue, p)
     inner = below_top(tissue, p.near_field)
-    known = margin | colour
-    ink = margin & (grey > MARGIN_INK * p.black_level)    # margin annotation, not the fan's dim resampled rim
+    flat = flat_lines(grey) & fan                         # a ruler taken for tissue: its ticks continue from it
+    known = margin | colour | flat
+    ink = margin & (grey > MARGIN_INK * p.black_level) | flat   # margin annotation, not the fan's dim resampled rim
     lines = axis_lines(z, tissue, hull, known, p)
-    parts = {"colour": colour, "margin": margin,
+    parts = {"colour": colour, "margin": margin, "flat": flat,
              "continued": grow_within(ink, ink | (tissue & (z > p.continue_contrast) & (z - box_mean(z, 2) > 1.0)),
                                       p.continue_steps) & tissue,
              "lines": lines,

@@ -4569,3 +4569,25 @@ def test_a_convex_glyph_with_one_peak_in_a_faint_halo_is_a_reflection():
         x[20 + i, 20 + i] = x[20 + i, 20 - i] = 4.0                               # an x: 17 px, bent
     x = np.where(x > 0, x, np.where(rr.grow_mask(x > 0, 1), 0.15, 0.0))
     assert rr.glyphs(x, every, grey=60 + 30 * x)[20, 20]
+
+
+def test_a_flat_grey_ruler_joined_to_the_fan_by_its_halo_is_found():
+    """flat_lines: a depth ruler 1 px off a rectangular image, joined to it by the resize's dim halo and by its focus
+    mark (so estimate_fan takes it for tissue, inside the hull: axis_lines sees the fan's own border there), is one
+    flat grey from px to px; it goes (demo seed 8 #9: 144 ruler px were left, 22 now). The speckle stays."""
+    rng = np.random.default_rng(0)
+    grey = np.zeros((112, 112))
+    grey[8:104, 8:80] = np.clip(100 * rng.gamma(4, 0.25, (96, 72)), 0, 255)    # tissue: speckle
+    grey[8:104, 80] = 16                                                      # the resize's dim halo
+    grey[8:104, 81] = 143                                                     # the ruler, 1 px off the image
+    for y in range(8, 104, 22):
+        grey[y, 82:86] = 143                                                  # its ticks
+    for i in range(5):
+        grey[50 - i:51 + i, 79 - 2 * i:81 - 2 * i] = 200                      # its focus mark, a triangle
+    rgb = np.repeat(grey.round().astype(np.uint8)[..., None], 3, 2)
+    fan, hull = rr.estimate_fan(grey)
+    assert fan[8:104, 81].all() and hull[8:104, 81].mean() > 0.9              # taken for tissue
+    mask, _ = rr.detect_artifacts(rgb)
+    assert mask[8:104, 81].mean() > 0.85                                     # the ruler goes
+    assert not rr.flat_lines(grey)[:, :79].any()                              # no speckle is flat
+
