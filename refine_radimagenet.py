@@ -700,6 +700,27 @@ MARGIN_INK = 2                          # annotation continues into the fan from
                                         # black_level, through them only: the fan's resampled rim is dimmer
 
 
+EDGE_TEXT = (7, 2, 4.0)                 # text on the fan's edge: in windows of (2 * 7 + 1) x (2 * 2 + 1) px, more than
+                                        # 4 steps per row ...
+EDGE_STEP = np.log(2)                   # ... where the grey changes by over x2 (between a letter and the gap beside it)
+
+
+def edge_text(grey, fan, hull, p: CleanParams = CleanParams()) -> np.ndarray:
+    """Text touching the image's first or last rows (a time stamp just above the tissue, a label just under it),
+    which estimate_fan takes for tissue (a piece near the hull, as a corner the opening rounded off is): lit pixels
+    of the fan outside the hull where the grey along the rows jumps to and fro as between letters (EDGE_TEXT,
+    EDGE_STEP), with the lit pixels joined to them there. Tissue there is a corner of solid speckle: its steps are
+    smaller."""
+    hw, hh, steps = EDGE_TEXT
+    strip = fan & ~hull & (grey > MARGIN_INK * p.black_level)
+    ok = strip | (grey <= p.black_level)                   # steps between letters and their black gaps count too
+    g = np.log(np.maximum(grey, 1.0))
+    edges = np.zeros(grey.shape)
+    edges[:, 1:] = (strip[:, 1:] | strip[:, :-1]) & ok[:, 1:] & ok[:, :-1] & (np.abs(g[:, 1:] - g[:, :-1]) > EDGE_STEP)
+    seed = strip & (run_mean(run_mean(edges, 0, 1, -hw, hw), 1, 0, -hh, hh) * (2 * hw + 1) > steps)
+    return grow_within(seed, strip, hw)
+
+
 def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dict, np.ndarray, np.ndarray]:
     """({detector: mask of what it found}, fan, hull) of an ultrasound frame (H, W, 3) uint8."""
     x = rgb.astype(np.int16)
@@ -710,11 +731,12 @@ def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dic
     tissue = fan & ~colour
     z = local_contrast(grey, tissue, p)
     inner = below_top(tissue, p.near_field)
-    flat = flat_lines(grey) & fan                         # a ruler taken for tissue: its ticks continue from it
-    known = margin | colour | flat
+    flat = flat_lines(grey) & fan                         # a ruler taken for tissue: its ticks continue from it, ...
+    edge = edge_text(grey, fan, hull, p)                  # ... a time stamp's letters not (the skin under one would)
+    known = margin | colour | flat | edge
     ink = margin & (grey > MARGIN_INK * p.black_level) | flat   # margin annotation, not the fan's dim resampled rim
     lines = axis_lines(z, tissue, hull, known, p)
-    parts = {"colour": colour, "margin": margin, "flat": flat,
+    parts = {"colour": colour, "margin": margin, "flat": flat, "edge_text": edge,
              "continued": grow_within(ink, ink | (tissue & (z > p.continue_contrast) & (z - box_mean(z, 2) > 1.0)),
                                       p.continue_steps) & tissue,
              "lines": lines,

@@ -3932,7 +3932,7 @@ def test_refine_removes_ultrasound_artifacts_and_leaves_the_rest(raw_tree, refin
         assert res.ndim == 2                                                  # greyscale: no colour pixel remains
         assert (np.abs(raw.astype(int) - clean[..., None]).max(2) > 0).sum() > 500   # the demo burned artifacts in
     fig = _figures(triples)
-    assert fig["stroke_removed_pct"] >= 91.7, fig                            # measured 91.73; the issue's target is 90
+    assert fig["stroke_removed_pct"] >= 91.7, fig                            # measured 91.77; the issue's target is 90
     assert fig["changed_beyond_2px"] <= 3, fig                                # measured 2 of 1.5 M; the target is 0
     assert fig["fill_mae"] < 25.0, fig                                       # textured fill: above a smooth fill's
     assert 0.75 < fig["fill_std"] / fig["truth_std"] < 1.35, fig            # speckle like the truth's, no blob
@@ -4591,3 +4591,22 @@ def test_a_flat_grey_ruler_joined_to_the_fan_by_its_halo_is_found():
     assert mask[8:104, 81].mean() > 0.85                                     # the ruler goes
     assert not rr.flat_lines(grey)[:, :79].any()                              # no speckle is flat
 
+
+def test_a_time_stamp_just_above_the_fan_is_text():
+    """edge_text: a time stamp drawn just above a rectangular image, its letters joined to the tissue's first row by
+    the resize, is taken for tissue by estimate_fan (a piece near the hull, like a corner the opening rounded off);
+    its grey jumps to and fro along the rows, between letters and gaps, and it goes (demo seed 8 #2, #6, #24). The
+    tissue stays."""
+    rng = np.random.default_rng(1)
+    big = np.zeros((300, 300))
+    big[60:290, 20:280] = np.clip(110 * rng.gamma(4, 0.25, (230, 260)), 0, 255)    # tissue from row 60
+    scan = Image.fromarray(big.round().astype(np.uint8)).convert("RGBA")
+    layer = Image.new("RGBA", scan.size, (0, 0, 0, 0))
+    rr.draw_text(layer, (40, 40), "2010/05/26 20:33:32", 18, 200)                 # rows 45-58
+    scan.alpha_composite(layer)
+    raw = np.asarray(scan.convert("RGB").resize((112, 112), Image.BILINEAR))
+    ink = np.asarray(Image.fromarray(np.asarray(layer)[..., 3]).resize((112, 112), Image.BILINEAR)) > 40
+    fan, _ = rr.estimate_fan(np.asarray(Image.fromarray(raw).convert("L"), np.float64))
+    assert fan[ink].all()                                                    # taken for tissue
+    mask, _ = rr.detect_artifacts(raw)
+    assert mask[ink].all() and not (mask & ~rr.grow_mask(ink, 2)).any()
