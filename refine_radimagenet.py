@@ -660,19 +660,31 @@ def stroke_rim(found, z, grey, tissue) -> np.ndarray:
 
 
 SKIN_ROWS, SKIN_HALF, SKIN_FLAT = 3, 10, 0.06   # an ROI line on the fan's first rows (the skin line): grey within
+SKIN_END = 0.12                         # a skin line's run ends at its first pixel this share off the run's mean grey:
+                                        # speckle that happens to be flat for a few px past the line's end stays
 
 
 def skin_lines(grey, fan) -> np.ndarray:
     """ROI lines drawn along the fan's top edge, where the near field hides them from axis_lines: in the first
     SKIN_ROWS + 1 rows of the fan, runs of 2 * SKIN_HALF + 1 px whose grey varies by less than SKIN_FLAT of its mean
-    (ink is one flat grey; skin is speckle, which varies by 10% or more over such a run)."""
+    (ink is one flat grey; skin is speckle, which varies by 10% or more over such a run). From each run's centre the
+    line reaches out SKIN_HALF px each way, through pixels within SKIN_END of the run's mean only (a run ending on a
+    line's last pixel holds tissue past it, as flat by chance)."""
     w = below_top(fan, 0) & ~below_top(fan, SKIN_ROWS + 1)
     g = grey * w
     n = run_mean(w.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF)
     m = run_mean(g, 0, 1, -SKIN_HALF, SKIN_HALF) / np.maximum(n, 1e-6)
     var = run_mean(g * g, 0, 1, -SKIN_HALF, SKIN_HALF) / np.maximum(n, 1e-6) - m * m
     flat = w & (n > 0.99) & (m > 60) & (var < (SKIN_FLAT * m) ** 2)
-    return run_mean(flat.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF) > 0
+    out = flat.copy()
+    for sgn in (1, -1):
+        cur, ref = flat, np.where(flat, m, 0.0)
+        for _ in range(SKIN_HALF):
+            ref = shift(ref, 0, sgn, 0.0)
+            cur = shift(cur, 0, sgn, False) & (np.abs(grey - ref) <= SKIN_END * ref)
+            ref = np.where(cur, ref, 0.0)
+            out |= cur
+    return out
 
 
 MARGIN_INK = 2                          # annotation continues into the fan from margin pixels this many times

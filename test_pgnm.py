@@ -4435,6 +4435,19 @@ def test_a_box_line_stops_at_the_corner_not_in_the_speckle_past_it():
     assert rr.axis_lines(z, every, every, none)[100, 60:127].all()
 
 
+def test_a_skin_line_stops_at_its_last_pixel_not_in_flat_skin_past_it():
+    """skin_lines: an ROI line along the fan's top edge (one grey) is found to its ends; skin just past its end that
+    is as flat by chance for 5 px, then brighter, is not taken with it (demo seeds 8 #2 and 11 #13: the line's
+    runs reached 6-10 px past its end, 29 and 11 px of tissue changed)."""
+    rng = np.random.default_rng(3)
+    grey = np.zeros((60, 120))
+    grey[10:] = rng.uniform(70, 170, (50, 120))                            # speckle under the fan's top edge (row 10)
+    grey[11, 40:81] = 120.0                                                # the line
+    grey[11, 35:40], grey[11, 34] = (118, 124, 121, 119, 123), 150.0       # skin as flat as ink, then brighter
+    found = rr.skin_lines(grey, grey > 0)
+    assert found[11, 40:81].all() and not found[11, :34].any() and not found[11, 85:].any()
+
+
 def test_a_specular_streak_in_a_faint_ridge_is_no_box_line():
     """axis_lines: a run whose thirds pass only because a specular streak (bright on both sides: 3 px wide) fills one
     of them is no line (demo seeds 4 and 10: 42 and 45 px of tissue painted along such streaks); the same run with a
