@@ -288,9 +288,37 @@ def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.n
     solid = erode(nonblack.astype(np.uint8), 1).astype(bool) & band     # a corner that annotation touches: its solid
     fan = fan | grow_mask(grow_within(fan, fan | solid, 2 * p.fan_open), 1) & nonblack & band        # part
     rest = nonblack & ~fan                                 # a lone non-black pixel on the fan's border, darker than
-    return fan | rest & (box_mean(rest, 1) < 1.5 / 9) & (grey < dilate(grey * fan, 1)), hull   # the tissue next to it:
-                                                           # the fan's resampled edge (strokes are longer, ink lighter)
+    fan = fan | rest & (box_mean(rest, 1) < 1.5 / 9) & (grey < dilate(grey * fan, 1))   # the tissue next to it: the
+    return fan | fan_nubs(grey, fan, nonblack & ~fan, p), hull     # fan's resampled edge (strokes are longer, ink lighter)
 
+
+FAN_NUB = 3                             # a piece of at most this many non-black px outside the fan, touching it, all
+                                        # darker than the brightest tissue it touches, is the fan's resampled corner
+
+
+def fan_nubs(grey: np.ndarray, fan: np.ndarray, rest: np.ndarray, p: CleanParams = CleanParams()) -> np.ndarray:
+    """The pieces of `rest` (non-black outside the fan) that are the tip of a sharp corner of the fan's top (a sector's
+    horn, a linear probe's corner), cut off by the resize: at most FAN_NUB px, within near_field rows of the fan's
+    first row, on top of the fan (fan right under one of its pixels), and darker than the brightest fan pixel next
+    to them (a stroke that touches the fan is longer, or ink lighter than the tissue; a corner's tip fades out of it).
+    Left in the margin, such a tip was annotation "continued" along the skin line."""
+    if not fan.any():
+        return np.zeros_like(fan)
+    top = np.zeros(fan.shape, bool)
+    top[:np.flatnonzero(fan.any(1))[0] + p.near_field] = True
+    near = rest & grow_mask(fan, 1) & top
+    if not near.any():
+        return near
+    pieces, n = label_components(rest & grow_mask(near, FAN_NUB))
+    count = lambda w: np.bincount(pieces.ravel(), w, minlength=n + 1)  # noqa: E731
+    brightest, beside = np.zeros(n + 1), np.zeros(n + 1)
+    np.maximum.at(brightest, pieces.ravel(), grey.ravel())
+    np.maximum.at(beside, dilate(pieces, 1).ravel(), (grey * fan).ravel())
+    size = count(None)
+    nub = (size <= FAN_NUB) & (count(shift(fan, 1, 0, False).ravel()) > 0) & (count(top.ravel()) == size) & \
+        (brightest < beside)
+    nub[0] = False
+    return nub[pieces]
 
 
 def local_contrast(grey: np.ndarray, tissue: np.ndarray, p: CleanParams = CleanParams()) -> np.ndarray:
