@@ -288,9 +288,37 @@ def estimate_fan(grey: np.ndarray, p: CleanParams = CleanParams()) -> tuple[np.n
     solid = erode(nonblack.astype(np.uint8), 1).astype(bool) & band     # a corner that annotation touches: its solid
     fan = fan | grow_mask(grow_within(fan, fan | solid, 2 * p.fan_open), 1) & nonblack & band        # part
     rest = nonblack & ~fan                                 # a lone non-black pixel on the fan's border, darker than
-    return fan | rest & (box_mean(rest, 1) < 1.5 / 9) & (grey < dilate(grey * fan, 1)), hull   # the tissue next to it:
-                                                           # the fan's resampled edge (strokes are longer, ink lighter)
+    fan = fan | rest & (box_mean(rest, 1) < 1.5 / 9) & (grey < dilate(grey * fan, 1))   # the tissue next to it: the
+    return fan | fan_nubs(grey, fan, nonblack & ~fan, p), hull     # fan's resampled edge (strokes are longer, ink lighter)
 
+
+FAN_NUB = 3                             # a piece of at most this many non-black px outside the fan, touching it, all
+                                        # darker than the brightest tissue it touches, is the fan's resampled corner
+
+
+def fan_nubs(grey: np.ndarray, fan: np.ndarray, rest: np.ndarray, p: CleanParams = CleanParams()) -> np.ndarray:
+    """The pieces of `rest` (non-black outside the fan) that are the tip of a sharp corner of the fan's top (a sector's
+    horn, a linear probe's corner), cut off by the resize: at most FAN_NUB px, within near_field rows of the fan's
+    first row, on top of the fan (fan right under one of its pixels), and darker than the brightest fan pixel next
+    to them (a stroke that touches the fan is longer, or ink lighter than the tissue; a corner's tip fades out of it).
+    Left in the margin, such a tip was annotation "continued" along the skin line."""
+    if not fan.any():
+        return np.zeros_like(fan)
+    top = np.zeros(fan.shape, bool)
+    top[:np.flatnonzero(fan.any(1))[0] + p.near_field] = True
+    near = rest & grow_mask(fan, 1) & top
+    if not near.any():
+        return near
+    pieces, n = label_components(rest & grow_mask(near, FAN_NUB))
+    count = lambda w: np.bincount(pieces.ravel(), w, minlength=n + 1)  # noqa: E731
+    brightest, beside = np.zeros(n + 1), np.zeros(n + 1)
+    np.maximum.at(brightest, pieces.ravel(), grey.ravel())
+    np.maximum.at(beside, dilate(pieces, 1).ravel(), (grey * fan).ravel())
+    size = count(None)
+    nub = (size <= FAN_NUB) & (count(shift(fan, 1, 0, False).ravel()) > 0) & (count(top.ravel()) == size) & \
+        (brightest < beside)
+    nub[0] = False
+    return nub[pieces]
 
 
 def local_contrast(grey: np.ndarray, tissue: np.ndarray, p: CleanParams = CleanParams()) -> np.ndarray:
@@ -660,19 +688,31 @@ def stroke_rim(found, z, grey, tissue) -> np.ndarray:
 
 
 SKIN_ROWS, SKIN_HALF, SKIN_FLAT = 3, 10, 0.06   # an ROI line on the fan's first rows (the skin line): grey within
+SKIN_END = 0.12                         # a skin line's run ends at its first pixel this share off the run's mean grey:
+                                        # speckle that happens to be flat for a few px past the line's end stays
 
 
 def skin_lines(grey, fan) -> np.ndarray:
     """ROI lines drawn along the fan's top edge, where the near field hides them from axis_lines: in the first
     SKIN_ROWS + 1 rows of the fan, runs of 2 * SKIN_HALF + 1 px whose grey varies by less than SKIN_FLAT of its mean
-    (ink is one flat grey; skin is speckle, which varies by 10% or more over such a run)."""
+    (ink is one flat grey; skin is speckle, which varies by 10% or more over such a run). From each run's centre the
+    line reaches out SKIN_HALF px each way, through pixels within SKIN_END of the run's mean only (a run ending on a
+    line's last pixel holds tissue past it, as flat by chance)."""
     w = below_top(fan, 0) & ~below_top(fan, SKIN_ROWS + 1)
     g = grey * w
     n = run_mean(w.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF)
     m = run_mean(g, 0, 1, -SKIN_HALF, SKIN_HALF) / np.maximum(n, 1e-6)
     var = run_mean(g * g, 0, 1, -SKIN_HALF, SKIN_HALF) / np.maximum(n, 1e-6) - m * m
     flat = w & (n > 0.99) & (m > 60) & (var < (SKIN_FLAT * m) ** 2)
-    return run_mean(flat.astype(np.float64), 0, 1, -SKIN_HALF, SKIN_HALF) > 0
+    out = flat.copy()
+    for sgn in (1, -1):
+        cur, ref = flat, np.where(flat, m, 0.0)
+        for _ in range(SKIN_HALF):
+            ref = shift(ref, 0, sgn, 0.0)
+            cur = shift(cur, 0, sgn, False) & (np.abs(grey - ref) <= SKIN_END * ref)
+            ref = np.where(cur, ref, 0.0)
+            out |= cur
+    return out
 
 
 FLAT_HALF = 8                           # a ruler or ROI line is one flat grey: along 2 * FLAT_HALF px of it, ...

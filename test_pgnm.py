@@ -3975,6 +3975,27 @@ def test_the_fan_is_found_and_margin_annotation_is_not_in_it():
         assert (text & ~image_area).any() and not (text & ~image_area & fan).any()
 
 
+def test_the_tip_of_a_sharp_fan_corner_is_fan_not_margin_annotation():
+    """estimate_fan: the resize cuts the tip of a sharp corner of the fan's top off it (2-3 faint px on top of the
+    fan): it is fan, not margin annotation that "continues" along the skin line (demo seed 5 #57: 26 px of tissue
+    changed at the corner); a stub of ink brighter than the tissue it touches, a stroke of 4 px, a faint stub beside
+    a bump of the fan's top (not on it: a stroke's end beside ink taken for fan) or below the fan's top rows stays
+    outside."""
+    (raw, clean), = _demo_frames(5, {57}).values()
+    fig = rr.summarise(rr.frame_metrics(raw, clean, np.asarray(rr.clean_ultrasound(Image.fromarray(raw))[0])))
+    assert fig["changed_beyond_2px"] == 0 and fig["stroke_removed_pct"] >= 95.6, fig   # removed as before
+    grey, fan = np.zeros((40, 40)), np.zeros((40, 40), bool)
+    grey[20:, :30], fan[20:, :30] = 120.0, True
+    grey[17:20, 10:12], fan[17:20, 10:12] = 150.0, True                    # a bump
+    grey[19, 5], grey[18, 6] = 90.0, 40.0                                  # a corner's faint tip
+    grey[17:19, 9] = 50.0                                                  # a faint stub beside the bump
+    grey[19, 15], grey[18, 15] = 200.0, 180.0                              # a stub of ink
+    grey[16:20, 25] = 100.0                                                # a stroke
+    grey[22:24, 30] = 60.0                                                 # a faint stub beside the fan's side
+    nubs = rr.fan_nubs(grey, fan, (grey > 14) & ~fan)
+    assert nubs[19, 5] and nubs[18, 6] and nubs.sum() == 2
+
+
 def test_demo_text_is_anti_aliased_grey_even_without_sized_fonts(monkeypatch):
     from PIL import ImageFont
     sized = Image.new("RGBA", (120, 40), (0, 0, 0, 0))
@@ -4433,6 +4454,19 @@ def test_a_box_line_stops_at_the_corner_not_in_the_speckle_past_it():
     assert not found[100, 121:].any() and found.sum() == 61 + 60
     z[100, 121:127] = 2.6                                                # a side that goes on past it is followed
     assert rr.axis_lines(z, every, every, none)[100, 60:127].all()
+
+
+def test_a_skin_line_stops_at_its_last_pixel_not_in_flat_skin_past_it():
+    """skin_lines: an ROI line along the fan's top edge (one grey) is found to its ends; skin just past its end that
+    is as flat by chance for 5 px, then brighter, is not taken with it (demo seeds 8 #2 and 11 #13: the line's
+    runs reached 6-10 px past its end, 29 and 11 px of tissue changed)."""
+    rng = np.random.default_rng(3)
+    grey = np.zeros((60, 120))
+    grey[10:] = rng.uniform(70, 170, (50, 120))                            # speckle under the fan's top edge (row 10)
+    grey[11, 40:81] = 120.0                                                # the line
+    grey[11, 35:40], grey[11, 34] = (118, 124, 121, 119, 123), 150.0       # skin as flat as ink, then brighter
+    found = rr.skin_lines(grey, grey > 0)
+    assert found[11, 40:81].all() and not found[11, :34].any() and not found[11, 85:].any()
 
 
 def test_a_specular_streak_in_a_faint_ridge_is_no_box_line():
