@@ -197,6 +197,8 @@ def convex_hull(mask: np.ndarray) -> np.ndarray:
     left = mask[rows].argmax(1)
     right = mask.shape[1] - 1 - mask[rows, ::-1].argmax(1)
     pts = sorted(set(zip(left.tolist(), rows.tolist())) | set(zip(right.tolist(), rows.tolist())))
+    if len(pts) == 1:                                      # one pixel (PIL draws no polygon of one point)
+        return mask.copy()
 
     def half(points):
         out = []
@@ -743,6 +745,8 @@ MARGIN_INK = 2                          # annotation continues into the fan from
 EDGE_TEXT = (7, 2, 4.0)                 # text on the fan's edge: in windows of (2 * 7 + 1) x (2 * 2 + 1) px, more than
                                         # 4 steps per row ...
 EDGE_STEP = np.log(2)                   # ... where the grey changes by over x2 (between a letter and the gap beside it)
+EDGE_TALL = 12                          # a line of letters is at most this many rows tall at 224 px (the demo's are 8 or
+                                        # fewer); a taller piece is anatomy, such as a bright bone surface over its shadow
 
 
 def edge_text(grey, fan, hull, p: CleanParams = CleanParams()) -> np.ndarray:
@@ -750,7 +754,7 @@ def edge_text(grey, fan, hull, p: CleanParams = CleanParams()) -> np.ndarray:
     which estimate_fan takes for tissue (a piece near the hull, as a corner the opening rounded off is): lit pixels
     of the fan outside the hull where the grey along the rows jumps to and fro as between letters (EDGE_TEXT,
     EDGE_STEP), with the lit pixels joined to them there. Tissue there is a corner of solid speckle: its steps are
-    smaller."""
+    smaller. A piece taller than EDGE_TALL rows is not a line of letters."""
     hw, hh, steps = EDGE_TEXT
     strip = fan & ~hull & (grey > MARGIN_INK * p.black_level)
     ok = strip | (grey <= p.black_level)                   # steps between letters and their black gaps count too
@@ -758,7 +762,16 @@ def edge_text(grey, fan, hull, p: CleanParams = CleanParams()) -> np.ndarray:
     edges = np.zeros(grey.shape)
     edges[:, 1:] = (strip[:, 1:] | strip[:, :-1]) & ok[:, 1:] & ok[:, :-1] & (np.abs(g[:, 1:] - g[:, :-1]) > EDGE_STEP)
     seed = strip & (run_mean(run_mean(edges, 0, 1, -hw, hw), 1, 0, -hh, hh) * (2 * hw + 1) > steps)
-    return grow_within(seed, strip, hw)
+    pieces, n = label_components(grow_within(seed, strip, hw))
+    if not n:
+        return pieces > 0
+    rows = np.arange(grey.shape[0])[:, None] * np.ones(grey.shape[1], int)
+    top, bottom = np.full(n + 1, grey.shape[0]), np.full(n + 1, -1)
+    np.minimum.at(top, pieces.ravel(), rows.ravel())
+    np.maximum.at(bottom, pieces.ravel(), rows.ravel())
+    short = bottom - top < EDGE_TALL
+    short[0] = False
+    return short[pieces]
 
 
 def artifact_parts(rgb: np.ndarray, p: CleanParams = CleanParams()) -> tuple[dict, np.ndarray, np.ndarray]:

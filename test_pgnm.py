@@ -4644,3 +4644,28 @@ def test_a_time_stamp_just_above_the_fan_is_text():
     assert fan[ink].all()                                                    # taken for tissue
     mask, _ = rr.detect_artifacts(raw)
     assert mask[ink].all() and not (mask & ~rr.grow_mask(ink, 2)).any()
+
+
+def test_edge_text_keeps_a_piece_taller_than_a_line_of_letters():
+    """edge_text: pixels outside the hull whose grey jumps x2 to and fro along the rows are text only in pieces of
+    fewer than EDGE_TALL rows; a taller one is anatomy (a bright bone surface over its black shadow, which ends the
+    fan there: a hostile check's frames lost 94 px of bone to it)."""
+    grey = np.zeros((60, 60))
+    grey[:, ::2] = 200.0                                   # columns of ink and black gaps, as between letters
+    fan = np.zeros((60, 60), bool)
+    fan[:, 5:55] = True
+    rows = np.arange(60)[:, None]
+    short = rr.edge_text(grey, fan, fan & (rows < 50))     # outside the hull: the last 10 rows
+    assert short[50:, 8:52].any() and not short[:50].any()
+    assert not rr.edge_text(grey, fan, fan & (rows < 40)).any()      # the last 20 rows: not a line of letters
+
+
+def test_a_one_pixel_frame_is_cleaned_not_a_crash():
+    """convex_hull of one pixel (PIL draws no polygon of one point): a 1 x 1 colour PNG went to the manifest as
+    'unreadable' with a TypeError from the cleaning."""
+    assert rr.convex_hull(np.pad(np.ones((1, 1), bool), 2)).sum() == 1
+    for shape in ((1, 1), (1, 2), (2, 1)):
+        rgb = np.zeros(shape + (3,), np.uint8)
+        rgb[..., 0] = 200                                  # colour: replaced, with the margin's black
+        out, changed = rr.clean_ultrasound(Image.fromarray(rgb))
+        assert changed == rgb.shape[0] * rgb.shape[1] and not np.asarray(out).any()
