@@ -4669,3 +4669,12 @@ def test_a_one_pixel_frame_is_cleaned_not_a_crash():
         rgb[..., 0] = 200                                  # colour: replaced, with the margin's black
         out, changed = rr.clean_ultrasound(Image.fromarray(rgb))
         assert changed == rgb.shape[0] * rgb.shape[1] and not np.asarray(out).any()
+
+
+def test_a_dark_frame_keeps_its_tissue_with_a_lower_black_level():
+    """A frame far darker than the demo's (grey x 0.3): dim tissue under --black-level splits the image and the
+    pieces cut off are replaced as margin annotation; with --black-level 4 (the README's advice) no pixel changes."""
+    clean, _ = rr.clean_frame(np.random.default_rng(200), *rr.SCANNER_SIZE)
+    dark = Image.fromarray(np.clip(clean * 0.3, 0, 255).astype(np.uint8)).resize((224, 224), Image.BILINEAR)
+    assert rr.clean_ultrasound(dark)[1] > 100
+    assert rr.clean_ultrasound(dark, rr.CleanParams(black_level=4))[1] == 0
