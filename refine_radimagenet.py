@@ -707,13 +707,17 @@ def skin_lines(grey, fan) -> np.ndarray:
     var = run_mean(g * g, 0, 1, -SKIN_HALF, SKIN_HALF) / np.maximum(n, 1e-6) - m * m
     flat = w & (n > 0.99) & (m > 60) & (var < (SKIN_FLAT * m) ** 2)
     out = flat.copy()
+    rows = np.flatnonzero(flat.any(1))                     # the lines run along rows: only these rows are walked
+    if rows.size == 0:
+        return out
+    band = slice(rows[0], rows[-1] + 1)
     for sgn in (1, -1):
-        cur, ref = flat, np.where(flat, m, 0.0)
+        cur, ref = flat[band], np.where(flat, m, 0.0)[band]
         for _ in range(SKIN_HALF):
             ref = shift(ref, 0, sgn, 0.0)
-            cur = shift(cur, 0, sgn, False) & (np.abs(grey - ref) <= SKIN_END * ref)
+            cur = shift(cur, 0, sgn, False) & (np.abs(grey[band] - ref) <= SKIN_END * ref)
             ref = np.where(cur, ref, 0.0)
-            out |= cur
+            out[band] |= cur
     return out
 
 
