@@ -615,6 +615,11 @@ MARK_HALO = 0.2                         # ... the pixels around its piece (above
                                         # average (a reflection's Gaussian skirt; ink's resampled edge is 1 px) ...
 MARK_FLAT = (0.9, 4)                    # ... and fewer than 4 of the piece's pixels within 90% of its brightest grey
                                         # (ink fills an arrowhead or a crossing with one grey; a reflection has one peak)
+MARK_FLANK = (0.8, 0.45)                # ... or the candidate below 80% of the brightest contrast within 1 px, on a piece
+                                        # whose ring averages above 0.45 (however many of its pixels are near its top
+                                        # grey): the flank of a brighter blob in a wide skirt (a cross's centre, where
+                                        # its arms overlap, is as bright as the pixels next to it; ink's resampled
+                                        # edge is 1 px: rings of true marks so tested on seeds 0-33 at most 0.44)
 
 
 def halo_and_flat(pieces, n, z, grey, valid) -> tuple[np.ndarray, np.ndarray]:
@@ -627,14 +632,16 @@ def halo_and_flat(pieces, n, z, grey, valid) -> tuple[np.ndarray, np.ndarray]:
     return halo, np.bincount(pieces.ravel(), (grey > MARK_FLAT[0] * top[pieces]).ravel(), minlength=n + 1)
 
 
-def soft_peaks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
+def soft_peaks(z, valid, grey, p: CleanParams = CleanParams(), flank=None) -> np.ndarray:
     """Pixels of pieces above glyph_level that look like a specular reflection, not ink: a bright ring around them
-    (above MARK_HALO) and a single peak (fewer than MARK_FLAT[1] pixels within MARK_FLAT[0] of the brightest grey)."""
+    (above MARK_HALO) and a single peak (fewer than MARK_FLAT[1] pixels within MARK_FLAT[0] of the brightest grey),
+    or, of the pixels in `flank` (on the edge of a brighter peak), a ring above MARK_FLANK[1] alone."""
     pieces, n = label_components((z > p.glyph_level) & valid)
     halo, flat = halo_and_flat(pieces, n, z, grey, valid)
     soft = (halo > MARK_HALO) & (flat < MARK_FLAT[1])
-    soft[0] = False
-    return soft[pieces]
+    wide = halo > MARK_FLANK[1]
+    soft[0] = wide[0] = False
+    return soft[pieces] if flank is None else soft[pieces] | (wide[pieces] & flank)
 
 
 def small_marks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
@@ -642,7 +649,8 @@ def small_marks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
     or more from both, with dark pixels between the arms next to the peak) and short vertical strokes (speckle and
     specular reflections run across the beam, i.e. mostly horizontally). An elongated reflection passes the cross
     test with its length and width as the arms: a peak whose arms are uneven (weakest half-arm under MARK_UNEVEN of
-    the strongest) on a soft_peaks piece is none (a cross's arms are alike; an arrowhead's ink is flat and sharp)."""
+    the strongest) on a soft_peaks piece is none (a cross's arms are alike; an arrowhead's ink is flat and sharp),
+    nor one on the flank of a brighter peak (MARK_FLANK) on a piece in a wide skirt (a broad-topped reflection)."""
     zv = np.where(valid, z, 0.0)
     blob = grow_mask(box_mean(erode((zv > MARK_SOLID).astype(np.uint8), 1), 1) > 4.5 / 9, 2)   # specular
     ys, xs = np.nonzero((z > p.cross_peak) & valid & ~blob)   # the test runs at the candidate peaks only
@@ -670,7 +678,9 @@ def small_marks(z, valid, grey, p: CleanParams = CleanParams()) -> np.ndarray:
         uneven_best = np.maximum(uneven_best, np.where(thin & uneven, arms - others, -np.inf))
     doubt = (uneven_best > p.cross_arms) & (best <= p.cross_arms)   # only these need the (slower) reflection test
     if doubt.any():
-        best = np.where(doubt & soft_peaks(z, valid, grey, p)[ys, xs], best, np.maximum(best, uneven_best))
+        flank = np.zeros(z.shape, bool)
+        flank[ys, xs] = zc < MARK_FLANK[0] * np.maximum.reduce([at(oy, ox) for oy in (-1, 0, 1) for ox in (-1, 0, 1)])
+        best = np.where(doubt & soft_peaks(z, valid, grey, p, flank)[ys, xs], best, np.maximum(best, uneven_best))
     cross = np.zeros(z.shape, bool)
     cross[ys[best > p.cross_arms], xs[best > p.cross_arms]] = True
     sides = valid & ~grow_mask(z < MARK_BLACK, 1)         # a fan edge beside black is no stroke's side
